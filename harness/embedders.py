@@ -1,0 +1,365 @@
+"""Image and text embedders for the metrics (CLIP through open_clip, DINO through timm), and their disk cache.
+
+Real backbones: OpenCLIP `ViT-B-32` with the `openai` weights and timm `vit_small_patch16_224.dino` (final-normed
+CLS token, pinned preprocessing). Both download once and are then cached by their libraries; offline, loading
+raises `BackboneUnavailableError` with the way out. Tiny variants have the same interfaces and random weights
+fixed by a seed: they make every code path run offline and say nothing about images.
+
+Every embedding is a float32 row, L2-normalised, so a dot product is a raw cosine in [-1, 1].
+`embed_with_cache` stores one vector per (embedder tag, image content hash) and computes only what is missing.
+
+What this module does not hold: the metric math (metrics.py) and the choice of images to score (evaluator.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
+
+CLIP_MODEL = "ViT-B-32"
+CLIP_PRETRAINED = "openai"
+DINO_MODEL = "vit_small_patch16_224.dino"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DINO_RESIZE = 256
+DINO_CROP = 224
+DINO_PREPROCESSING = (f"resize shorter side to {DINO_RESIZE} (bicubic), center crop {DINO_CROP}, "
+                      f"ImageNet mean {IMAGENET_MEAN} / std {IMAGENET_STD}")
+CLIP_PREPROCESSING = ("open_clip ViT-B-32/openai: resize shorter side to 224 (bicubic), center crop 224, "
+                      "OpenAI CLIP mean/std")
+METRIC_SCALE = "raw cosine in [-1, 1]"
+TINY_SOURCE = "random (tiny, pipeline check only)"
+DEFAULT_BATCH_SIZE = 32
+
+
+class BackboneUnavailableError(RuntimeError):
+    """The weights of a real evaluation backbone could not be loaded (usually: no network and no cached copy)."""
+
+
+def _offline_message(backbone: str, library: str, cause: BaseException) -> str:
+    return (f"cannot load the evaluation backbone {backbone}: its weights could not be downloaded or found in the "
+            f"{library} cache ({type(cause).__name__}: {str(cause)[:300]}). The weights download once from the "
+            f"Hugging Face hub and are then cached by {library}; run once with network access (or copy the cache "
+            "folder to this machine). To check the pipeline offline instead, set `eval.backbones: tiny` in the "
+            "protocol (random weights: pipeline check only, the numbers mean nothing).")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+def load_rgb(image_or_path: Image.Image | str | Path) -> Image.Image:
+    """An RGB PIL image; files are opened with their EXIF orientation applied."""
+    if isinstance(image_or_path, Image.Image):
+        return image_or_path if image_or_path.mode == "RGB" else image_or_path.convert("RGB")
+    with Image.open(image_or_path) as opened:
+        return ImageOps.exif_transpose(opened).convert("RGB")
+
+
+def pinned_dino_transform() -> Callable[[Image.Image], torch.Tensor]:
+    """The pinned DINO preprocessing: shorter side to 256 bicubic, center crop 224, ImageNet normalisation."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(DINO_RESIZE, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(DINO_CROP),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def _clip_transform() -> Callable[[Image.Image], torch.Tensor]:
+    """open_clip's evaluation transform for ViT-B-32/openai, built from its defaults (no download)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(size=224), is_train=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Embedders
+
+
+class Embedder(ABC):
+    """Turns images into L2-normalised float32 rows, in batches, without gradients, on one device."""
+
+    def __init__(self, model: torch.nn.Module, transform: Callable[[Image.Image], torch.Tensor], *, tag: str,
+                 model_id: str, source: str, preprocessing: str, device: str | torch.device,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.transform = transform
+        self.tag = tag
+        self.model_id = model_id
+        self.source = source
+        self.preprocessing = preprocessing
+        self.device = device
+        self.batch_size = batch_size
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.source == TINY_SOURCE
+
+    @abstractmethod
+    def _forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed pixels -> (B, D) unnormalised features."""
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        import torch
+
+        rows = []
+        for start in range(0, len(images), self.batch_size):
+            batch = [self.transform(load_rgb(im)) for im in images[start:start + self.batch_size]]
+            with torch.inference_mode():
+                features = self._forward_images(torch.stack(batch).to(self.device))
+            rows.append(_normalised_numpy(features))
+        return self._stack(rows)
+
+    def _stack(self, rows: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Length of an embedding row."""
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata for CSVs and reports: which backbone, weights, preprocessing and scale produced the numbers."""
+        return {
+            "backbone": self.tag,
+            "model_id": self.model_id,
+            "pretrained": self.source,
+            "embedding_dim": self.dim,
+            "preprocessing": self.preprocessing,
+            "metric_scale": METRIC_SCALE,
+        }
+
+
+def _normalised_numpy(features: torch.Tensor) -> np.ndarray:
+    import torch.nn.functional as F
+
+    return F.normalize(features.float(), dim=-1).cpu().numpy().astype(np.float32)
+
+
+class ClipEmbedder(Embedder):
+    """An OpenCLIP model: image embeddings and text embeddings in one space."""
+
+    def __init__(self, model: torch.nn.Module, transform: Callable[[Image.Image], torch.Tensor],
+                 tokenizer: Callable[[list[str]], torch.Tensor], **kwargs: Any):
+        super().__init__(model, transform, **kwargs)
+        self.tokenizer = tokenizer
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    def _forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        rows = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(list(texts[start:start + self.batch_size])).to(self.device)
+            with torch.inference_mode():
+                rows.append(_normalised_numpy(self.model.encode_text(tokens)))
+        return self._stack(rows)
+
+
+class DinoEmbedder(Embedder):
+    """A timm ViT: the CLS token after the final norm (what DINO's evaluation uses)."""
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.num_features)
+
+    def _forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(pixels)[:, 0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Builders
+
+
+def load_clip(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH_SIZE) -> ClipEmbedder:
+    """OpenCLIP ViT-B-32 with OpenAI's weights, using the QuickGELU activation those weights were trained with."""
+    import open_clip
+
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            CLIP_MODEL, pretrained=CLIP_PRETRAINED, force_quick_gelu=True)
+    except (OSError, RuntimeError) as e:
+        raise BackboneUnavailableError(_offline_message(f"open_clip {CLIP_MODEL}/{CLIP_PRETRAINED}", "open_clip",
+                                                        e)) from e
+    return ClipEmbedder(
+        model, preprocess, open_clip.get_tokenizer(CLIP_MODEL), tag=f"open_clip:{CLIP_MODEL}/{CLIP_PRETRAINED}",
+        model_id=f"{CLIP_MODEL} (QuickGELU)", source=f"open_clip pretrained={CLIP_PRETRAINED!r}",
+        preprocessing=CLIP_PREPROCESSING, device=device, batch_size=batch_size,
+    )
+
+
+def load_dino(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH_SIZE) -> DinoEmbedder:
+    """timm's DINO ViT-S/16 with the pinned preprocessing (not timm's data config, which could change)."""
+    import timm
+
+    try:
+        model = timm.create_model(DINO_MODEL, pretrained=True, num_classes=0, global_pool="token", use_naflex=False)
+    except (OSError, RuntimeError) as e:
+        raise BackboneUnavailableError(_offline_message(f"timm {DINO_MODEL}", "timm", e)) from e
+    return DinoEmbedder(
+        model, pinned_dino_transform(), tag=f"timm:{DINO_MODEL}", model_id=DINO_MODEL,
+        source=f"timm pretrained ({DINO_MODEL})", preprocessing=DINO_PREPROCESSING, device=device,
+        batch_size=batch_size,
+    )
+
+
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+TINY_DINO_CONFIG = {"img_size": DINO_CROP, "patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3}
+
+
+def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Builds a module with random weights fixed by `seed`, leaving the global torch RNG as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _tiny_tag(name: str, seed: int) -> str:
+    return f"tiny-random:{name}" if seed == 0 else f"tiny-random:{name}:seed{seed}"
+
+
+def tiny_clip(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> ClipEmbedder:
+    """A 2-layer OpenCLIP model with random weights, the real tokenizer and the real CLIP preprocessing."""
+    import open_clip
+
+    model = _seeded(seed, lambda: open_clip.CLIP(**TINY_CLIP_CONFIG))
+    return ClipEmbedder(
+        model, _clip_transform(), open_clip.get_tokenizer(CLIP_MODEL), tag=_tiny_tag("clip", seed),
+        model_id="tiny open_clip CLIP (embed_dim 32; vision 2 layers x 64, patch 32; text 2 layers x 64)",
+        source=TINY_SOURCE, preprocessing=CLIP_PREPROCESSING, device=device, batch_size=batch_size,
+    )
+
+
+def tiny_dino(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> DinoEmbedder:
+    """A 2-block timm ViT with random weights and the pinned DINO preprocessing."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = _seeded(seed, lambda: VisionTransformer(num_classes=0, global_pool="token", **TINY_DINO_CONFIG))
+    return DinoEmbedder(
+        model, pinned_dino_transform(), tag=_tiny_tag("dino", seed),
+        model_id="tiny timm VisionTransformer (2 blocks x 48, patch 16)", source=TINY_SOURCE,
+        preprocessing=DINO_PREPROCESSING, device=device, batch_size=batch_size,
+    )
+
+
+EMBEDDER_SETS: dict[str, dict[str, Callable[..., Embedder]]] = {
+    "real": {"clip": load_clip, "dino": load_dino},
+    "tiny": {"clip": tiny_clip, "dino": tiny_dino},
+}
+
+
+def make_embedders(backbones: str, device: str | torch.device = "cpu",
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Embedder]:
+    """The "clip" and "dino" embedders for `eval.backbones` ("real" or "tiny")."""
+    if backbones not in EMBEDDER_SETS:
+        raise ValueError(f"eval.backbones: unknown value {backbones!r}; use one of {', '.join(EMBEDDER_SETS)}.")
+    return {name: build(device=device, batch_size=batch_size) for name, build in EMBEDDER_SETS[backbones].items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cache
+
+
+def content_hash(image: Image.Image) -> str:
+    """sha256 of the decoded RGB pixels and the size: the same picture re-saved (PNG, metadata) hashes the same."""
+    rgb = load_rgb(image)
+    digest = hashlib.sha256(f"RGB {rgb.width}x{rgb.height}\n".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
+
+
+def _safe_tag(tag: str) -> str:
+    # The short hash keeps tags that differ only in punctuation apart.
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", tag).strip("_")
+    return f"{readable}-{hashlib.sha256(tag.encode()).hexdigest()[:8]}"
+
+
+class EmbeddingCache:
+    """One .npy per (embedder tag, image hash) under cache_dir/embeddings/, each written atomically."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.root = Path(cache_dir) / "embeddings"
+
+    def path(self, tag: str, image_hash: str) -> Path:
+        return self.root / _safe_tag(tag) / image_hash[:2] / f"{image_hash}.npy"
+
+    def get(self, tag: str, image_hash: str) -> np.ndarray | None:
+        path = self.path(tag, image_hash)
+        try:
+            vector = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None  # absent, or unreadable: computed again and rewritten
+        if vector.ndim != 1 or vector.dtype != np.float32 or not np.all(np.isfinite(vector)):
+            return None
+        return vector
+
+    def put(self, tag: str, image_hash: str, vector: np.ndarray) -> None:
+        path = self.path(tag, image_hash)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside the target and renamed over it, so a run killed mid-write leaves no partial .npy.
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{image_hash[:8]}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                np.save(out, np.asarray(vector, dtype=np.float32), allow_pickle=False)
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+
+def embed_with_cache(embedder: Embedder, images_or_paths: Iterable[Image.Image | str | Path],
+                     cache: EmbeddingCache) -> np.ndarray:
+    """Embeddings of the images (N, D), computing only those not cached for this embedder, in full batches."""
+    rows: list[np.ndarray | None] = []
+    pending: list[tuple[int, str, Image.Image]] = []
+
+    def flush() -> None:
+        vectors = embedder.embed_images([image for _, _, image in pending])
+        for (index, image_hash, _), vector in zip(pending, vectors, strict=True):
+            cache.put(embedder.tag, image_hash, vector)
+            rows[index] = vector
+        pending.clear()
+
+    for item in images_or_paths:
+        image = load_rgb(item)
+        image_hash = content_hash(image)
+        rows.append(cache.get(embedder.tag, image_hash))
+        if rows[-1] is None:
+            pending.append((len(rows) - 1, image_hash, image))
+            if len(pending) == embedder.batch_size:
+                flush()
+    if pending:
+        flush()
+    if not rows:
+        return np.zeros((0, embedder.dim), dtype=np.float32)
+    return np.stack(rows)

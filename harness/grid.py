@@ -1,0 +1,198 @@
+"""Expansion of a protocol's grid into canonical, deduplicated runs, each with a stable `run_key`.
+
+A `RunSpec` is one training trajectory: the subject, the base model, the training settings and the steps at which
+it is sampled (its snapshots). Three rules make a study cheap without changing its answer:
+
+- steps are snapshots of one run when the learning-rate schedule does not depend on the total step count
+  (constant schedules): the run to 1200 steps is sampled at 200, 400, 800 and 1200;
+- a run with n class images uses the first n images of one shared class-image pool (class_images.py);
+- with prior_loss_weight 0 no class image is used, so the class-image axis collapses to one run.
+
+The run key is the sha256 of the run's identity: every field that changes the trained weights and nothing else
+(not output folders, not the subject's display name, not evaluation settings).
+Nothing here loads a model or decodes an image; the instance folder's bytes are hashed (data.folder_digest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from harness.config import (
+    GRID_SUBJECT_KEY,
+    TRAIN_FIELDS_NOT_IN_IDENTITY,
+    ClassImageSpec,
+    ModelSpec,
+    Protocol,
+    SubjectSpec,
+    TrainSpec,
+)
+from harness.data import folder_digest
+
+IDENTITY_VERSION = 1
+RUN_KEY_LENGTH = 12
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the grid and the steps at which it is sampled."""
+
+    run_key: str
+    subject: SubjectSpec
+    model: ModelSpec
+    train: TrainSpec  # train.steps is the last snapshot
+    class_images: ClassImageSpec | None  # None when prior preservation is off
+    snapshot_steps: tuple[int, ...]
+    instance_digest: str
+    varied: tuple[tuple[str, Any], ...]  # the grid fields of this run (for tables), in grid order
+
+    def identity(self) -> dict[str, Any]:
+        return run_identity(self.subject, self.model, self.train, self.class_images, self.instance_digest)
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything about the run, for spec.json: its identity plus what is only descriptive."""
+        return {
+            "run_key": self.run_key,
+            "identity": self.identity(),
+            "subject": self.subject.name,
+            "snapshot_steps": list(self.snapshot_steps),
+            "varied": dict(self.varied),
+            "train": _jsonable(asdict(self.train)),
+        }
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def run_identity(
+    subject: SubjectSpec,
+    model: ModelSpec,
+    train: TrainSpec,
+    class_images: ClassImageSpec | None,
+    instance_digest: str,
+) -> dict[str, Any]:
+    """The fields that determine the trained weights, in canonical form."""
+    left_out = set(TRAIN_FIELDS_NOT_IN_IDENTITY)
+    if train.snapshots_share_a_run:
+        left_out.add("steps")  # the trajectory is the same whatever its length; steps are snapshots
+    if not train.uses_prior:
+        left_out.add("num_class_images")
+    training = {f.name: getattr(train, f.name) for f in fields(train) if f.name not in left_out}
+    return {
+        "version": IDENTITY_VERSION,
+        "model": {"id": model.id, "revision": model.revision, "dtype": model.dtype},
+        "subject": {
+            "instance_digest": instance_digest,
+            "instance_prompt": subject.instance_text,
+            "class_prompt": subject.class_text if train.uses_prior else None,
+        },
+        "train": training,
+        "class_images": _class_image_identity(class_images),
+    }
+
+
+def _class_image_identity(spec: ClassImageSpec | None) -> dict[str, Any] | None:
+    if spec is None:
+        return None
+    # The batch size does not change the images: every image is generated from its own seed.
+    return {k: v for k, v in asdict(spec).items() if k != "batch_size"}
+
+
+def run_key(identity: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of an identity (key order and float spelling do not matter)."""
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:RUN_KEY_LENGTH]
+
+
+def grid_points(protocol: Protocol) -> list[tuple[SubjectSpec, dict[str, Any]]]:
+    """Every (subject, grid values) combination, in grid order, before any deduplication."""
+    axes = [(k, v) for k, v in protocol.grid if k != GRID_SUBJECT_KEY]
+    chosen = dict(protocol.grid).get(GRID_SUBJECT_KEY, tuple(s.name for s in protocol.subjects))
+    names = [k for k, _ in axes]
+    points = []
+    for subject_name in chosen:
+        subject = protocol.subject(subject_name)
+        for values in itertools.product(*(v for _, v in axes)):
+            points.append((subject, dict(zip(names, values, strict=True))))
+    return points
+
+
+def canonical_train(train: TrainSpec) -> TrainSpec:
+    """Equivalent settings written one way: without prior preservation the class-image count means nothing."""
+    if not train.uses_prior:
+        return replace(train, num_class_images=0)
+    return train
+
+
+def expand(protocol: Protocol, digests: dict[str, str] | None = None) -> list[RunSpec]:
+    """The protocol's runs: one per distinct identity, with the steps of the grid as its snapshots."""
+    digests = dict(digests or {})
+    varied_keys = [k for k, _ in protocol.grid]
+    groups: dict[str, dict[str, Any]] = {}
+    for subject, values in grid_points(protocol):
+        if subject.name not in digests:
+            digests[subject.name] = folder_digest(subject.instance_dir)
+        train = canonical_train(replace(protocol.train, **values))
+        class_images = protocol.class_images if train.uses_prior else None
+        identity = run_identity(subject, protocol.model, train, class_images, digests[subject.name])
+        key = run_key(identity)
+        group = groups.setdefault(key, {"subject": subject, "train": train, "class_images": class_images,
+                                        "steps": set(), "digest": digests[subject.name]})
+        group["steps"].add(train.steps)
+        if train.steps > group["train"].steps:
+            group["train"] = train
+    runs = []
+    for key, g in groups.items():
+        train: TrainSpec = g["train"]
+        varied = tuple((k, _display_value(k, g["subject"], train)) for k in varied_keys if k != "steps")
+        runs.append(RunSpec(
+            run_key=key, subject=g["subject"], model=protocol.model, train=train, class_images=g["class_images"],
+            snapshot_steps=tuple(sorted(g["steps"])), instance_digest=g["digest"], varied=varied,
+        ))
+    return runs
+
+
+def _display_value(key: str, subject: SubjectSpec, train: TrainSpec) -> Any:
+    if key == GRID_SUBJECT_KEY:
+        return subject.name
+    return getattr(train, key)
+
+
+@dataclass(frozen=True)
+class WorkEstimate:
+    training_runs: int
+    optimizer_steps: int
+    snapshots: int
+    class_images: int
+    eval_images: int
+    base_model_images: int
+
+    @property
+    def images(self) -> int:
+        return self.class_images + self.eval_images + self.base_model_images
+
+
+def subject_prompt_count(protocol: Protocol, subject: SubjectSpec) -> int:
+    from harness.prompts import subject_prompts
+
+    return len(subject_prompts(subject, protocol.eval))
+
+
+def estimate_work(protocol: Protocol, runs: list[RunSpec], pools: dict[str, int]) -> WorkEstimate:
+    """What running the protocol costs, before anything is done (pools: pool key -> images it must hold)."""
+    seeds = len(protocol.eval.seeds)
+    per_snapshot = {s.name: (subject_prompt_count(protocol, s) + len(protocol.eval.class_prompts)) * seeds
+                    for s in protocol.subjects}
+    subjects = {r.subject.name for r in runs}
+    return WorkEstimate(
+        training_runs=len(runs),
+        optimizer_steps=sum(r.train.steps for r in runs),
+        snapshots=sum(len(r.snapshot_steps) for r in runs),
+        class_images=sum(pools.values()),
+        eval_images=sum(len(r.snapshot_steps) * per_snapshot[r.subject.name] for r in runs),
+        base_model_images=sum(per_snapshot[name] for name in subjects),
+    )

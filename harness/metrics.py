@@ -1,0 +1,456 @@
+"""Metric registry and metric math on embeddings: per-image scores, means and bootstrap intervals.
+
+Every metric is a registered function from an `ImageSet` (the embeddings of one snapshot's generated images, of the
+real subject images and of the prompts' texts) to one score per image; the metric is the mean of those scores, with
+a 95% percentile bootstrap interval over (prompt, seed) groups. All similarities are raw cosines in [-1, 1] of
+L2-normalised rows (not x100, not x2.5), so numbers are comparable with the DreamBooth paper when the backbones are.
+
+What this module does not hold: computing embeddings (embedders.py), reading images or writing files. It imports
+numpy only, so the protocol loader can validate metric names without loading torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+Kind = Literal["subject", "class"]
+Backbone = Literal["dino", "clip"]
+KINDS: tuple[str, ...] = ("subject", "class")
+NORM_TOLERANCE = 1e-3
+DEFAULT_BOOTSTRAP_SAMPLES = 1000
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    """The generated images of one snapshot, as embeddings, with the real images and the prompt texts.
+
+    Row i of `dino`, `clip` (and of `lpips`) belongs to the image with prompts[i], seeds[i], kinds[i]. Embedding rows
+    must be L2-normalised. `text_clip` maps the prompt text with the identifier removed (see `clip_t_texts`) to its
+    CLIP text embedding. `lpips` is an optional (N, N) matrix of LPIPS distances, NaN where not computed.
+    Missing inputs make the metrics that need them unavailable (with a note), not wrong.
+    """
+
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    kinds: tuple[str, ...]
+    identifier: str
+    dino: np.ndarray | None = None
+    clip: np.ndarray | None = None
+    real_dino: np.ndarray | None = None
+    real_clip: np.ndarray | None = None
+    text_clip: Mapping[str, np.ndarray] = field(default_factory=dict)
+    lpips: np.ndarray | None = None
+    image_ids: tuple[str, ...] | None = None  # e.g. file names, copied into the per-image table
+
+    def __post_init__(self) -> None:
+        n = len(self.prompts)
+        if len(self.seeds) != n or len(self.kinds) != n:
+            raise ValueError(f"ImageSet: prompts, seeds and kinds must have one entry per image; got {n}, "
+                             f"{len(self.seeds)} and {len(self.kinds)}.")
+        bad = sorted({k for k in self.kinds if k not in KINDS})
+        if bad:
+            raise ValueError(f"ImageSet: unknown image kind(s) {bad}; each kind must be one of {KINDS}.")
+        if self.image_ids is not None and len(self.image_ids) != n:
+            raise ValueError(f"ImageSet: image_ids has {len(self.image_ids)} entries for {n} images.")
+        for name in ("dino", "clip"):
+            _check_embeddings(name, getattr(self, name), rows=n)
+        for name in ("real_dino", "real_clip"):
+            _check_embeddings(name, getattr(self, name), rows=None)
+        for text, vector in self.text_clip.items():
+            if np.ndim(vector) != 1:
+                raise ValueError(f"ImageSet: text_clip[{text!r}] must be one embedding vector, got {np.shape(vector)}.")
+            _check_embeddings(f"text_clip[{text!r}]", np.asarray(vector)[None, :], rows=1)
+        if self.lpips is not None and np.shape(self.lpips) != (n, n):
+            raise ValueError(f"ImageSet: lpips must be an ({n}, {n}) matrix of distances, got {np.shape(self.lpips)}.")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def indices(self, kind: str) -> np.ndarray:
+        return np.array([i for i, k in enumerate(self.kinds) if k == kind], dtype=int)
+
+
+def _check_embeddings(name: str, array: np.ndarray | None, rows: int | None) -> None:
+    if array is None:
+        return
+    if not isinstance(array, np.ndarray) or array.ndim != 2:
+        raise ValueError(f"ImageSet: {name} must be a 2-D numpy array (one row per image), got {np.shape(array)}.")
+    if rows is not None and array.shape[0] != rows:
+        raise ValueError(f"ImageSet: {name} has {array.shape[0]} rows for {rows} images.")
+    if array.size and not np.all(np.isfinite(array)):
+        raise ValueError(f"ImageSet: {name} contains NaN or infinite values.")
+    norms = np.linalg.norm(array.astype(np.float64), axis=1)
+    if norms.size and np.max(np.abs(norms - 1.0)) > NORM_TOLERANCE:
+        raise ValueError(f"ImageSet: {name} rows must be L2-normalised (norms range {norms.min():.4f}.."
+                         f"{norms.max():.4f}); divide each row by its norm.")
+
+
+def strip_identifier(prompt: str, identifier: str) -> str:
+    """`prompt` without the identifier as a whole word: 'a sks dog in the snow' -> 'a dog in the snow'.
+
+    Only a standalone occurrence is removed ('a sksdog' and 'a sks-dog' stay), case-sensitively, and the space
+    left behind is collapsed so the text reads as the plain class prompt.
+    """
+    if not identifier.strip():
+        raise ValueError("strip_identifier: the identifier is empty; give the subject's identifier, e.g. 'sks'.")
+    word = re.compile(rf"(\s?)(?<![\w-]){re.escape(identifier)}(?![\w-])(\s?)")
+    stripped = word.sub(lambda m: " " if m.group(1) and m.group(2) else "", prompt)
+    return stripped.strip()
+
+
+def clip_t_texts(prompts: Sequence[str], kinds: Sequence[str], identifier: str) -> list[str]:
+    """The distinct texts whose CLIP text embeddings `clip_t` needs (subject prompts without the identifier)."""
+    texts = [strip_identifier(p, identifier) for p, k in zip(prompts, kinds, strict=True) if k == "subject"]
+    return list(dict.fromkeys(texts))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registry
+
+
+class MetricUnavailable(Exception):
+    """A metric cannot be computed for this input; the message says why and ends up in MetricResult.note."""
+
+
+@dataclass(frozen=True)
+class PerImageScores:
+    """One score per image (NaN where the metric does not apply) and the bootstrap group of every image."""
+
+    scores: np.ndarray
+    groups: tuple[Hashable, ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: Callable[[ImageSet], PerImageScores]
+    higher_is_better: bool
+    backbone: Backbone
+    description: str
+    needs: tuple[str, ...]  # ImageSet fields and image kinds the metric reads
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register(name: str, *, higher_is_better: bool, backbone: Backbone, description: str,
+             needs: tuple[str, ...]) -> Callable[[Callable[[ImageSet], PerImageScores]], Callable]:
+    """Adds the decorated per-image score function to METRICS under `name`."""
+
+    def add(fn: Callable[[ImageSet], PerImageScores]) -> Callable[[ImageSet], PerImageScores]:
+        if name in METRICS:
+            raise ValueError(f"metric {name!r} is registered twice.")
+        METRICS[name] = Metric(name, fn, higher_is_better, backbone, description, needs)
+        return fn
+
+    return add
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metric definitions
+
+
+def _require(array: np.ndarray | None, what: str) -> np.ndarray:
+    if array is None:
+        raise MetricUnavailable(f"no {what} supplied")
+    return array
+
+
+def _prompt_seed_groups(images: ImageSet) -> tuple[Hashable, ...]:
+    return tuple(zip(images.kinds, images.prompts, images.seeds, strict=True))
+
+
+def _mean_similarity_to_real(images: ImageSet, kind: str, generated: np.ndarray | None,
+                             real: np.ndarray | None, backbone: str) -> PerImageScores:
+    """For each image of `kind`: its mean cosine to all real images (mean over images = mean pairwise cosine)."""
+    generated = _require(generated, f"{backbone.upper()} embeddings of the generated images")
+    real = _require(real, f"{backbone.upper()} embeddings of the real images")
+    if real.shape[0] == 0:
+        raise MetricUnavailable("there are no real images")
+    idx = images.indices(kind)
+    if idx.size == 0:
+        raise MetricUnavailable(f"there are no {kind}-prompt images")
+    scores = np.full(len(images), np.nan)
+    scores[idx] = (generated[idx].astype(np.float64) @ real.astype(np.float64).T).mean(axis=1)
+    return PerImageScores(scores, _prompt_seed_groups(images))
+
+
+def _diversity(images: ImageSet, kind: str, distances: np.ndarray, what: str) -> PerImageScores:
+    """Per image: mean distance to the images of the same prompt with another seed. Prompts with one seed skip."""
+    scores = np.full(len(images), np.nan)
+    skipped = []
+    by_prompt: dict[str, list[int]] = {}
+    for i in images.indices(kind):
+        by_prompt.setdefault(images.prompts[i], []).append(int(i))
+    for prompt, members in by_prompt.items():
+        if len({images.seeds[i] for i in members}) < 2:
+            skipped.append(prompt)
+            continue
+        for i in members:
+            others = [j for j in members if images.seeds[j] != images.seeds[i]]
+            values = distances[i, others]
+            if np.any(np.isnan(values)):
+                raise ValueError(f"{what} distances are missing for prompt {prompt!r} (image {i}); supply every "
+                                 "pair of images of the same prompt with different seeds.")
+            scores[i] = float(np.mean(values))
+    if not by_prompt:
+        raise MetricUnavailable(f"there are no {kind}-prompt images")
+    if len(skipped) == len(by_prompt):
+        raise MetricUnavailable(f"no {kind} prompt has images of two or more seeds; diversity needs at least two")
+    note = f"{len(skipped)} prompt(s) with a single seed skipped" if skipped else ""
+    return PerImageScores(scores, tuple(zip(images.kinds, images.prompts, strict=True)), note)
+
+
+def _one_minus_dino_cosine(images: ImageSet) -> np.ndarray:
+    dino = _require(images.dino, "DINO embeddings of the generated images").astype(np.float64)
+    return 1.0 - dino @ dino.T
+
+
+@register("dino", higher_is_better=True, backbone="dino", needs=("dino", "real_dino", "subject"),
+          description="mean DINO cosine between subject-prompt images and the real subject images")
+def dino_similarity(images: ImageSet) -> PerImageScores:
+    return _mean_similarity_to_real(images, "subject", images.dino, images.real_dino, "dino")
+
+
+@register("clip_i", higher_is_better=True, backbone="clip", needs=("clip", "real_clip", "subject"),
+          description="mean CLIP image cosine between subject-prompt images and the real subject images")
+def clip_image_similarity(images: ImageSet) -> PerImageScores:
+    return _mean_similarity_to_real(images, "subject", images.clip, images.real_clip, "clip")
+
+
+@register("clip_t", higher_is_better=True, backbone="clip", needs=("clip", "text_clip", "subject"),
+          description="CLIP cosine between each subject-prompt image and its prompt without the identifier")
+def clip_text_similarity(images: ImageSet) -> PerImageScores:
+    clip = _require(images.clip, "CLIP embeddings of the generated images")
+    if not images.text_clip:
+        raise MetricUnavailable("no CLIP text embeddings of the prompts supplied")
+    idx = images.indices("subject")
+    if idx.size == 0:
+        raise MetricUnavailable("there are no subject-prompt images")
+    scores = np.full(len(images), np.nan)
+    for i in idx:
+        text = strip_identifier(images.prompts[i], images.identifier)
+        if text not in images.text_clip:
+            raise ValueError(f"text_clip has no embedding for {text!r} (prompt {images.prompts[i]!r} without "
+                             f"{images.identifier!r}); embed every text of clip_t_texts(...).")
+        scores[i] = float(clip[i].astype(np.float64) @ np.asarray(images.text_clip[text], dtype=np.float64))
+    return PerImageScores(scores, _prompt_seed_groups(images))
+
+
+@register("pres", higher_is_better=False, backbone="dino", needs=("dino", "real_dino", "class"),
+          description="mean DINO cosine between class-prompt images and the real subject images (language drift)")
+def prior_preservation(images: ImageSet) -> PerImageScores:
+    return _mean_similarity_to_real(images, "class", images.dino, images.real_dino, "dino")
+
+
+@register("div_subject", higher_is_better=True, backbone="dino", needs=("dino", "subject"),
+          description="mean (1 - DINO cosine) between subject-prompt images of the same prompt, different seeds")
+def subject_diversity(images: ImageSet) -> PerImageScores:
+    return _diversity(images, "subject", _one_minus_dino_cosine(images), "DINO")
+
+
+@register("div_class", higher_is_better=True, backbone="dino", needs=("dino", "class"),
+          description="mean (1 - DINO cosine) between class-prompt images of the same prompt, different seeds")
+def class_diversity(images: ImageSet) -> PerImageScores:
+    return _diversity(images, "class", _one_minus_dino_cosine(images), "DINO")
+
+
+@register("div_lpips", higher_is_better=True, backbone="dino", needs=("lpips", "subject"),
+          description="optional: mean LPIPS distance between subject-prompt images of the same prompt, "
+                      "different seeds (the paper's DIV); needs LPIPS distances")
+def lpips_diversity(images: ImageSet) -> PerImageScores:
+    if images.lpips is None:
+        raise MetricUnavailable("LPIPS distances were not supplied (optional metric; needs LPIPS weights)")
+    return _diversity(images, "subject", np.asarray(images.lpips, dtype=np.float64), "LPIPS")
+
+
+# The paper's "Real Images" row: each real image against the other real images, for these metrics.
+REAL_IMAGE_METRICS: dict[str, str] = {"dino": "real_dino", "clip_i": "real_clip"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """One metric of one image set: mean of the per-image scores, bootstrap 95% interval, counts, and a note.
+
+    An unavailable metric has NaN mean and bounds, n = 0 and a note saying why.
+    """
+
+    name: str
+    mean: float
+    ci_low: float
+    ci_high: float
+    n: int
+    n_groups: int
+    backbone: str
+    higher_is_better: bool
+    note: str = ""
+
+    @property
+    def available(self) -> bool:
+        return not math.isnan(self.mean)
+
+
+def bootstrap_ci(scores: Sequence[float] | np.ndarray, groups: Sequence[Hashable],
+                 n_samples: int = DEFAULT_BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean score, resampling whole groups with replacement.
+
+    Each bootstrap sample draws as many groups as there are, and its statistic is the mean of the per-image scores
+    of the drawn groups (a group drawn twice counts twice). Deterministic for a given seed.
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError("bootstrap_ci needs a non-empty 1-D array of scores.")
+    if len(groups) != values.size:
+        raise ValueError(f"bootstrap_ci: {len(groups)} groups for {values.size} scores; give one group per score.")
+    if n_samples < 1:
+        raise ValueError(f"bootstrap_ci: n_samples must be at least 1, got {n_samples}.")
+    # Groups are numbered by first appearance (not by hash) so the draws are the same in every process.
+    numbering: dict[Hashable, int] = {}
+    group_of = np.array([numbering.setdefault(g, len(numbering)) for g in groups])
+    group_sums = np.bincount(group_of, weights=values)
+    group_sizes = np.bincount(group_of).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, group_sums.size, size=(n_samples, group_sums.size))
+    statistics = group_sums[drawn].sum(axis=1) / group_sizes[drawn].sum(axis=1)
+    low, high = np.percentile(statistics, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def intervals_overlap(a: MetricResult, b: MetricResult) -> bool:
+    """True when the two bootstrap intervals overlap, or when either is unknown, so the two cannot be ranked."""
+    if a.name != b.name or a.backbone != b.backbone:
+        raise ValueError(f"cannot compare {a.name} ({a.backbone}) with {b.name} ({b.backbone}); compare one metric "
+                         "on one backbone.")
+    bounds = (a.ci_low, a.ci_high, b.ci_low, b.ci_high)
+    if any(math.isnan(x) for x in bounds):
+        return True
+    return a.ci_low <= b.ci_high and b.ci_low <= a.ci_high
+
+
+def _unavailable(name: str, note: str) -> MetricResult:
+    metric = METRICS.get(name)
+    return MetricResult(
+        name=name, mean=math.nan, ci_low=math.nan, ci_high=math.nan, n=0, n_groups=0,
+        backbone=metric.backbone if metric else "", higher_is_better=metric.higher_is_better if metric else True,
+        note=note,
+    )
+
+
+def _summarise(metric: Metric, per_image: PerImageScores, bootstrap_samples: int, seed: int) -> MetricResult:
+    mask = ~np.isnan(per_image.scores)
+    if not mask.any():
+        return _unavailable(metric.name, "no image to score")
+    values = per_image.scores[mask]
+    groups = [g for g, keep in zip(per_image.groups, mask, strict=True) if keep]
+    low, high = bootstrap_ci(values, groups, bootstrap_samples, seed)
+    return MetricResult(
+        name=metric.name, mean=float(values.mean()), ci_low=low, ci_high=high, n=int(mask.sum()),
+        n_groups=len(set(groups)), backbone=metric.backbone, higher_is_better=metric.higher_is_better,
+        note=per_image.note,
+    )
+
+
+def _unknown_note(name: str) -> str:
+    return f"unknown metric {name!r}; known metrics: {', '.join(METRICS)}"
+
+
+def score(images: ImageSet, metric_names: Sequence[str], bootstrap_samples: int = DEFAULT_BOOTSTRAP_SAMPLES,
+          seed: int = 0) -> tuple[list[MetricResult], list[dict[str, Any]]]:
+    """Scores one snapshot's images: one MetricResult per requested name and a per-image table.
+
+    The table has one dict per generated image (index, image id, prompt, seed, kind, and one column per requested
+    metric, NaN where the metric does not apply to that image). Unknown or unavailable metrics come back with NaN
+    values and a note instead of raising.
+    """
+    table: list[dict[str, Any]] = [
+        {"index": i, "image": images.image_ids[i] if images.image_ids else "", "prompt": images.prompts[i],
+         "seed": images.seeds[i], "kind": images.kinds[i]}
+        for i in range(len(images))
+    ]
+    results = []
+    for name in metric_names:
+        for row in table:
+            row[name] = math.nan
+        if name not in METRICS:
+            results.append(_unavailable(name, _unknown_note(name)))
+            continue
+        metric = METRICS[name]
+        try:
+            per_image = metric.fn(images)
+        except MetricUnavailable as why:
+            results.append(_unavailable(name, str(why)))
+            continue
+        for row, value in zip(table, per_image.scores, strict=True):
+            row[name] = float(value)
+        results.append(_summarise(metric, per_image, bootstrap_samples, seed))
+    return results, table
+
+
+def leave_one_out_similarity(real: np.ndarray) -> np.ndarray:
+    """Per real image: its mean cosine to the OTHER real images (never to itself)."""
+    real = real.astype(np.float64)
+    count = real.shape[0]
+    if count < 2:
+        raise MetricUnavailable(f"leave-one-out needs at least 2 real images, got {count}")
+    similarity = real @ real.T
+    return (similarity.sum(axis=1) - np.diag(similarity)) / (count - 1)
+
+
+def score_real_images(real_dino: np.ndarray | None, real_clip: np.ndarray | None, metric_names: Sequence[str],
+                      bootstrap_samples: int = DEFAULT_BOOTSTRAP_SAMPLES, seed: int = 0,
+                      image_ids: Sequence[str] | None = None) -> tuple[list[MetricResult], list[dict[str, Any]]]:
+    """The "Real Images" reference row: dino and clip_i of each real image against the other real images.
+
+    The bootstrap group is the real image. Metrics not defined for real images come back unavailable with a note.
+    """
+    arrays = {"real_dino": real_dino, "real_clip": real_clip}
+    for field_name, array in arrays.items():
+        _check_embeddings(field_name, array, rows=None)
+    counts = {a.shape[0] for a in arrays.values() if a is not None}
+    if len(counts) > 1:
+        raise ValueError(f"score_real_images: real_dino and real_clip have different numbers of rows {sorted(counts)}; "
+                         "embed the same real images with both backbones.")
+    count = counts.pop() if counts else 0
+    if image_ids is not None and len(image_ids) != count:
+        raise ValueError(f"score_real_images: {len(image_ids)} image ids for {count} real images.")
+    table: list[dict[str, Any]] = [
+        {"index": i, "image": image_ids[i] if image_ids else "", "prompt": "", "seed": None, "kind": "real"}
+        for i in range(count)
+    ]
+    results = []
+    for name in metric_names:
+        for row in table:
+            row[name] = math.nan
+        if name not in METRICS:
+            results.append(_unavailable(name, _unknown_note(name)))
+            continue
+        if name not in REAL_IMAGE_METRICS:
+            results.append(_unavailable(name, "defined for generated images only"))
+            continue
+        array = arrays[REAL_IMAGE_METRICS[name]]
+        try:
+            per_image = leave_one_out_similarity(_require(array, f"{METRICS[name].backbone.upper()} embeddings "
+                                                                 "of the real images"))
+        except MetricUnavailable as why:
+            results.append(_unavailable(name, str(why)))
+            continue
+        for row, value in zip(table, per_image, strict=True):
+            row[name] = float(value)
+        scores = PerImageScores(per_image, tuple(range(per_image.size)))
+        results.append(_summarise(METRICS[name], scores, bootstrap_samples, seed))
+    return results, table

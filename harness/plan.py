@@ -1,0 +1,105 @@
+"""The plan of a protocol: its runs, the pools and caches they share, and the work it costs.
+
+`make_plan` is cheap (no model, no GPU): it validates the instance folders, expands the grid and counts the work.
+`format_plan` renders it for `--dry-run`. Nothing is executed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.class_images import PoolSpec, plan_pools, pool_for
+from harness.config import Protocol
+from harness.data import check_instances, list_instance_files
+from harness.grid import RunSpec, WorkEstimate, estimate_work, expand
+from harness.prompts import class_prompts, subject_prompts
+
+
+@dataclass(frozen=True)
+class Plan:
+    protocol: Protocol
+    runs: tuple[RunSpec, ...]
+    pools: dict[PoolSpec, int]
+    work: WorkEstimate
+    warnings: tuple[str, ...]
+
+
+def make_plan(protocol: Protocol) -> Plan:
+    """Checks the instance images (fails fast on bad files) and expands the grid."""
+    warnings: list[str] = list(protocol.notes)
+    resolutions = {v for k, vs in protocol.grid if k == "resolution" for v in vs} or {protocol.train.resolution}
+    for subject in protocol.subjects:
+        for message in check_instances(subject, min(resolutions)):
+            warnings.append(f"subject {subject.name!r}: {message}")
+    runs = expand(protocol)
+    pools = plan_pools(runs)
+    work = estimate_work(protocol, runs, {p.key: n for p, n in pools.items()})
+    return Plan(protocol=protocol, runs=tuple(runs), pools=pools, work=work, warnings=tuple(warnings))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return out
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def format_plan(plan: Plan) -> str:
+    p = plan.protocol
+    model = p.model.id + (f"@{p.model.revision}" if p.model.revision else "")
+    if p.model.is_tiny:
+        model += "  (random weights: pipeline check only, no quality conclusions)"
+    lines = [f"Protocol {p.name!r}  ({p.path})", f"model: {model}"]
+    for s in p.subjects:
+        n = len(list_instance_files(s.instance_dir))
+        lines.append(f"subject {s.name!r}: {n} images in {s.instance_dir}; instance prompt {s.instance_text!r}, "
+                     f"class prompt {s.class_text!r}; {len(subject_prompts(s, p.eval))} subject + "
+                     f"{len(class_prompts(s, p.eval))} class eval prompts x {len(p.eval.seeds)} seeds")
+    varied = [k for k, _ in p.grid if k != "steps"]
+    lines += ["", f"Runs ({len(plan.runs)} training runs; steps are snapshots of one run where the schedule allows):"]
+    rows = []
+    for run in plan.runs:
+        values = dict(run.varied)
+        cells = [run.run_key, run.subject.name]
+        for k in varied:
+            if k == "subject":
+                continue
+            shown = values.get(k)
+            cells.append("-" if k == "num_class_images" and not run.train.uses_prior else _fmt(shown))
+        cells.append(", ".join(map(str, run.snapshot_steps)))
+        rows.append(cells)
+    header = ["run_key", "subject"] + [k for k in varied if k != "subject"] + ["snapshot steps"]
+    lines += ["  " + line for line in _table(header, rows)]
+    lines += ["", "Shared by the runs:"]
+    if plan.pools:
+        for pool, n in plan.pools.items():
+            users = sum(1 for r in plan.runs if pool_for(r) == pool)
+            s = pool.sampler
+            lines.append(f"  class-image pool {pool.key}: {pool.prompt!r} at {pool.resolution} px, {s.sampler} "
+                         f"{s.steps} steps, guidance {s.guidance_scale:g}, seed {s.seed}: {n} images "
+                         f"(runs use nested prefixes), {users} run(s)")
+    else:
+        lines.append("  no class-image pool (prior_loss_weight is 0 everywhere)")
+    instance_images = sum(len(list_instance_files(s.instance_dir)) for s in p.subjects)
+    lines.append(f"  caches: VAE latents of {instance_images} instance + {plan.work.class_images} class images, text "
+                 f"embeddings of the training prompts, image embeddings ({p.eval.backbones} backbones)")
+    lines.append(f"  base-model images (step 0), generated once per subject: {plan.work.base_model_images}")
+    w = plan.work
+    lines += [
+        "",
+        "Work:",
+        f"  training runs {w.training_runs}, optimizer steps {w.optimizer_steps} (batch {p.train.batch_size} instance"
+        f" + {p.train.batch_size} class image(s) per step with prior preservation), snapshots {w.snapshots}",
+        f"  images to generate: {w.class_images} class + {w.eval_images} evaluation + {w.base_model_images} base "
+        f"model = {w.images}",
+    ]
+    if plan.warnings:
+        lines += ["", "Notes:"] + [f"  - {m}" for m in plan.warnings]
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""The run store: one folder per run key, written so that a run killed at any moment can resume.
+
+Rules every stage follows:
+- `spec.json` is written first; on reuse it is compared with the run's identity, and a different identity under the
+  same key is an error (it would mean stale results);
+- every file is written atomically (a temporary file in the same folder, then `os.replace`);
+- a stage is finished when its DONE marker exists; the marker is written last;
+- a file lock keeps two processes from working on the same run.
+
+Nothing here knows what a stage computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from harness.grid import RunSpec
+
+SPEC_FILE = "spec.json"
+LOCK_FILE = ".lock"
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class RunBusyError(StoreError):
+    pass
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` so that readers see the old file or the new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path for writers that need a file name (PIL, torch.save); renamed onto `path` on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class RunFolder:
+    """The folder of one run: its spec, its stage markers, its lock."""
+
+    def __init__(self, path: Path, spec: RunSpec):
+        self.path = path
+        self.spec = spec
+
+    def file(self, *parts: str) -> Path:
+        return self.path.joinpath(*parts)
+
+    def marker(self, stage: str) -> Path:
+        return self.path / f"{stage}.DONE"
+
+    def is_done(self, stage: str) -> bool:
+        return self.marker(stage).is_file()
+
+    def mark_done(self, stage: str, info: dict[str, Any] | None = None) -> None:
+        atomic_write_json(self.marker(stage), info or {})
+
+    def done_info(self, stage: str) -> dict[str, Any]:
+        return read_json(self.marker(stage))
+
+    def clear(self, stage: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.marker(stage).unlink()
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = 0) -> Iterator[None]:
+        """Exclusive access to the run; another process holding it is an error unless it frees it in `timeout` s."""
+        lock = FileLock(str(self.path / LOCK_FILE))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise RunBusyError(
+                f"run {self.spec.run_key} ({self.path}) is being worked on by another process; wait for it to "
+                f"finish, or if no other process is running, delete {self.path / LOCK_FILE}."
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+class RunStore:
+    """`root/<run_key>/` for every run; shared by all protocols, so identical runs are trained once."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def folder(self, spec: RunSpec) -> RunFolder:
+        return RunFolder(self.root / spec.run_key, spec)
+
+    def open(self, spec: RunSpec) -> RunFolder:
+        """The run's folder, created with its spec.json, or checked against the spec already there."""
+        run = self.folder(spec)
+        spec_path = run.file(SPEC_FILE)
+        if spec_path.is_file():
+            stored = read_json(spec_path)
+            if stored.get("identity") != spec.identity():
+                raise StoreError(
+                    f"{spec_path} describes a different run than key {spec.run_key}; its results cannot be trusted. "
+                    f"Move the folder {run.path} away (or delete it) and run again."
+                )
+        else:
+            run.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(spec_path, spec.to_json())
+        return run
+
+    def existing(self, spec: RunSpec) -> RunFolder | None:
+        run = self.folder(spec)
+        return run if run.file(SPEC_FILE).is_file() else None

@@ -1,0 +1,174 @@
+"""Protocol validation: every class of bad input gives an error that names the key, its line and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.config import DEFAULT_MODEL, ProtocolError, load_protocol
+from tests.conftest import MINIMAL, REPO
+
+
+def problems(path: Path) -> str:
+    with pytest.raises(ProtocolError) as info:
+        load_protocol(path)
+    return str(info.value)
+
+
+def test_minimal_protocol_gets_documented_defaults(write_protocol):
+    p = load_protocol(write_protocol(MINIMAL))
+    assert p.name == "p"
+    assert p.train.learning_rate == 5e-6
+    assert p.train.train_text_encoder is False
+    assert p.train.optimizer == "adamw8bit"
+    assert p.train.gradient_checkpointing is True
+    s = p.subjects[0]
+    assert (s.instance_prompt, s.class_prompt) == ("a {identifier} {class}", "a {class}")
+    assert (s.instance_text, s.class_text) == ("a sks dog", "a dog")
+    assert s.live  # dogs use DreamBench's live-subject prompts
+
+
+def test_unknown_key_suggests_the_nearest_valid_key_with_its_line(write_protocol):
+    text = MINIMAL + "  learning_rte: 1.0e-5\n"
+    msg = problems(write_protocol(text))
+    assert "train.learning_rte: unknown key; did you mean 'learning_rate'?" in msg
+    line = text.splitlines().index("  learning_rte: 1.0e-5")  # dedent keeps line numbers; 1-based below
+    assert f"p.yaml:{line + 1}:" in msg
+
+
+def test_unknown_top_level_and_subject_keys(write_protocol):
+    msg = problems(write_protocol(MINIMAL.replace("train:", "trian:") + "\n"))
+    assert "trian: unknown top-level key; did you mean 'train'?" in msg
+    msg = problems(write_protocol(MINIMAL.replace("class_noun: dog", "class_nown: dog")))
+    assert "subjects[0].class_nown: unknown key; did you mean 'class_noun'?" in msg
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("  steps: 0", "train.steps: must be at least 1, got 0"),
+        ("  steps: many", "train.steps: expected an integer, got 'many'"),
+        ("  prior_loss_weight: -0.5", "train.prior_loss_weight: must be 0 or more, got -0.5"),
+        ("  mixed_precision: fp8", "train.mixed_precision: expected one of 'no', 'fp16', 'bf16', got 'fp8'"),
+        ("  optimizer: adamw_8bit", "(did you mean 'adamw8bit'?)"),
+        ("  gradient_checkpointing: sometimes", "expected true or false, got 'sometimes'"),
+        ("  num_class_images: 0", "num_class_images: is 0 while prior_loss_weight is above 0"),
+    ],
+)
+def test_wrong_types_and_impossible_values(write_protocol, line, expected):
+    msg = problems(write_protocol(MINIMAL + line + "\n"))
+    assert expected in msg
+
+
+def test_resolution_not_divisible_by_8_names_the_fix(write_protocol):
+    msg = problems(write_protocol(MINIMAL.replace("resolution: 32", "resolution: 500")))
+    assert "train.resolution: must be a positive multiple of 8" in msg
+    assert "use 496" in msg or "use 504" in msg
+
+
+def test_all_problems_are_reported_together(write_protocol):
+    msg = problems(write_protocol(MINIMAL + "  steps: 0\n  seed: -1\n  learning_rate: 0\n"))
+    assert "3 problem(s)" in msg
+    assert all(k in msg for k in ("train.steps", "train.seed", "train.learning_rate"))
+
+
+def test_yaml_syntax_error_reports_its_line(write_protocol):
+    path = write_protocol("model:\n  id: tiny\nsubjects:\n  - name: [dog\n")
+    msg = problems(path)
+    assert "YAML syntax error" in msg
+    assert "p.yaml:" in msg.splitlines()[1]
+
+
+def test_duplicate_keys_are_errors(write_protocol):
+    msg = problems(write_protocol(MINIMAL + "  steps: 10\n  steps: 20\n"))
+    assert "train.steps: appears twice" in msg
+
+
+def test_missing_instance_folder(write_protocol, tmp_path):
+    msg = problems(write_protocol(MINIMAL.replace("{subject_dir}", str(tmp_path / "nowhere"))))
+    assert "subjects[0].instance_dir: folder" in msg
+    assert "does not exist" in msg and "relative to the protocol file" in msg
+
+
+def test_instance_folder_is_relative_to_the_protocol_file(tmp_path, subject_dir):
+    (tmp_path / "protocols").mkdir()
+    path = tmp_path / "protocols" / "x.yaml"
+    path.write_text(MINIMAL.replace("{subject_dir}", "../subject"))
+    assert load_protocol(path).subjects[0].instance_dir == subject_dir.resolve()
+
+
+def test_prior_weight_without_class_noun_is_a_contradiction(write_protocol):
+    text = MINIMAL.replace("    class_noun: dog\n", "    instance_prompt: 'a photo of {identifier}'\n")
+    msg = problems(write_protocol(text))
+    assert "subjects[0].class_noun" in msg and "prior_loss_weight is above 0" in msg
+    # Without prior preservation the same subject is fine.
+    ok = load_protocol(write_protocol(text + "  prior_loss_weight: 0\n", "ok.yaml"))
+    assert ok.subjects[0].class_noun is None
+
+
+def test_grid_axes_are_validated(write_protocol):
+    msg = problems(write_protocol(MINIMAL + "grid:\n  prior_loss_weigth: [0, 1]\n"))
+    assert "grid.prior_loss_weigth: is not a field that can be varied; did you mean 'prior_loss_weight'?" in msg
+    msg = problems(write_protocol(MINIMAL + "grid:\n  steps: []\n"))
+    assert "grid.steps: is an empty list" in msg
+    msg = problems(write_protocol(MINIMAL + "grid:\n  steps: [100, 0]\n"))
+    assert "grid.steps[1]: must be at least 1, got 0" in msg
+    msg = problems(write_protocol(MINIMAL + "grid:\n  steps: 100\n"))
+    assert "write [100] for a single value" in msg
+    msg = problems(write_protocol(MINIMAL + "grid:\n  subject: [cat]\n"))
+    assert "grid.subject[0]: 'cat' is not a subject of this protocol" in msg
+
+
+def test_empty_file_and_missing_subjects(write_protocol):
+    assert "the protocol file is empty" in problems(write_protocol("# nothing\n"))
+    assert "subjects: is missing" in problems(write_protocol("model: {id: tiny}\n"))
+
+
+def test_eval_metric_names_are_checked(write_protocol):
+    msg = problems(write_protocol(MINIMAL + "eval:\n  metrics: [dino, cilp_i]\n"))
+    assert "eval.metrics: unknown metric 'cilp_i'; did you mean 'clip_i'? Valid metrics: dino" in msg
+
+
+def test_moved_model_id_is_mapped_with_a_note(write_protocol):
+    p = load_protocol(write_protocol(MINIMAL.replace("{id: tiny}", "{id: runwayml/stable-diffusion-v1-5}")))
+    assert p.model.id == DEFAULT_MODEL
+    assert any("removed from the Hugging Face hub" in n for n in p.notes)
+
+
+def test_local_model_folder_must_be_a_diffusers_pipeline(write_protocol, tmp_path):
+    (tmp_path / "weights").mkdir()
+    msg = problems(write_protocol(MINIMAL.replace("{id: tiny}", "{id: ./weights}")))
+    assert "has no model_index.json" in msg
+    msg = problems(write_protocol(MINIMAL.replace("{id: tiny}", "{id: ./missing}")))
+    assert "neither a hub id" in msg and "'tiny'" in msg
+
+
+@pytest.mark.parametrize("name", ["smoke.yaml", "prior_ablation.yaml"])
+def test_shipped_protocols_are_valid(name):
+    p = load_protocol(REPO / "protocols" / name)
+    assert p.subjects[0].instance_dir.is_dir()
+
+
+def test_prior_ablation_has_the_paper_grid():
+    grid = dict(load_protocol(REPO / "protocols" / "prior_ablation.yaml").grid)
+    assert grid == {"prior_loss_weight": (0.0, 0.5, 1.0), "steps": (200, 400, 800, 1200),
+                    "num_class_images": (50, 100, 200)}
+
+
+def test_dreambench_protocol_is_valid_once_its_data_is_in_place(tmp_path):
+    from tests.conftest import write_images
+
+    (tmp_path / "protocols").mkdir()
+    path = tmp_path / "protocols" / "dreambench.yaml"
+    path.write_text((REPO / "protocols" / "dreambench.yaml").read_text())
+    msg = problems(path)
+    assert "30 problem(s)" in msg and "data/dreambench/dog does not exist" in msg
+    import yaml
+
+    for s in yaml.safe_load(path.read_text())["subjects"]:
+        write_images(tmp_path / "data" / "dreambench" / s["name"], n=1)
+    p = load_protocol(path)
+    assert len(p.subjects) == 30
+    assert {s.class_noun for s in p.subjects} >= {"dog", "cat", "stuffed animal", "sneaker"}
+    assert sum(s.live for s in p.subjects) == 9  # 2 cats and 7 dogs use the live-subject prompts

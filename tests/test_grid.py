@@ -1,0 +1,124 @@
+"""Grid expansion: counts, the three deduplication rules, and the stability of run keys."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from harness.class_images import plan_pools
+from harness.config import load_protocol
+from harness.grid import expand, run_identity, run_key
+from harness.plan import format_plan, make_plan
+from tests.conftest import MINIMAL, REPO, write_images
+
+FIXED = {"dog": "0" * 64}  # pins the instance digest so keys do not depend on the random test images
+
+
+def test_smoke_grid_dedups_prior_weight_zero_and_shares_snapshots():
+    protocol = load_protocol(REPO / "protocols" / "smoke.yaml")
+    runs = expand(protocol)
+    # weight 0: one run whatever the class count; weight 1: one run per class count; steps are snapshots.
+    assert len(runs) == 3
+    assert [(r.train.prior_loss_weight, r.train.num_class_images) for r in runs] == [(0.0, 0), (1.0, 2), (1.0, 4)]
+    assert all(r.snapshot_steps == (2, 4) and r.train.steps == 4 for r in runs)
+    assert runs[0].class_images is None and runs[1].class_images is not None
+
+
+def test_prior_ablation_counts():
+    runs = expand(load_protocol(REPO / "protocols" / "prior_ablation.yaml"))
+    assert len(runs) == 1 + 3 + 3
+    assert {r.snapshot_steps for r in runs} == {(200, 400, 800, 1200)}
+    pools = plan_pools(runs)
+    assert len(pools) == 1 and list(pools.values()) == [200]  # one pool, nested prefixes of 50/100/200
+
+
+def test_schedule_that_depends_on_length_makes_steps_separate_runs(write_protocol):
+    p = load_protocol(write_protocol(MINIMAL + "  lr_schedule: linear\ngrid:\n  steps: [10, 20, 30]\n"))
+    runs = expand(p, FIXED)
+    assert [(r.train.steps, r.snapshot_steps) for r in runs] == [(10, (10,)), (20, (20,)), (30, (30,))]
+    assert len({r.run_key for r in runs}) == 3
+
+
+def test_run_keys_do_not_depend_on_yaml_key_order(write_protocol):
+    a = write_protocol(MINIMAL + "  seed: 3\n  learning_rate: 1.0e-5\ngrid:\n  steps: [5, 10]\n"
+                       "  prior_loss_weight: [0, 1]\n", "a.yaml")
+    b = write_protocol("""
+        train: {learning_rate: 0.00001, resolution: 32, seed: 3}
+        grid:
+          prior_loss_weight: [0.0, 1]
+          steps: [10, 5]
+        subjects:
+          - {class_noun: dog, instance_dir: "{subject_dir}", name: dog}
+        model: {id: tiny}
+        """, "b.yaml")
+    keys_a = sorted(r.run_key for r in expand(load_protocol(a), FIXED))
+    keys_b = sorted(r.run_key for r in expand(load_protocol(b), FIXED))
+    assert keys_a == keys_b and len(keys_a) == 2
+
+
+def test_golden_keys(write_protocol):
+    # Changing these keys orphans every stored run: only change them on purpose (bump IDENTITY_VERSION).
+    protocol = load_protocol(write_protocol(MINIMAL + "grid:\n  prior_loss_weight: [0, 1]\n  steps: [2, 4]\n"
+                                            "  num_class_images: [2, 4]\n"))
+    assert [r.run_key for r in expand(protocol, FIXED)] == GOLDEN_KEYS
+
+
+GOLDEN_KEYS = ["538d3a4f2f0f", "faf010289b52", "78def411b6ed"]
+
+
+def _key(protocol, **train_changes) -> str:
+    subject = protocol.subjects[0]
+    train = replace(protocol.train, **train_changes)
+    spec = protocol.class_images if train.uses_prior else None
+    return run_key(run_identity(subject, protocol.model, train, spec, "0" * 64))
+
+
+def test_keys_change_with_what_changes_the_weights(write_protocol):
+    p = load_protocol(write_protocol(MINIMAL))
+    base = _key(p)
+    for change in [{"learning_rate": 1e-6}, {"seed": 1}, {"prior_loss_weight": 0.5}, {"num_class_images": 7},
+                   {"resolution": 64}, {"mixed_precision": "fp16"}, {"train_text_encoder": True},
+                   {"max_grad_norm": None}, {"memory_mode": "low_memory"}]:
+        assert _key(p, **change) != base, change
+    other_model = replace(p, model=replace(p.model, revision="abc"))
+    assert _key(other_model) != base
+    other_subject = replace(p, subjects=(replace(p.subjects[0], identifier="zwx"),))
+    assert _key(other_subject) != base
+    digest = run_key(run_identity(p.subjects[0], p.model, p.train, p.class_images, "1" * 64))
+    assert digest != base
+
+
+def test_keys_ignore_what_does_not_change_the_weights(write_protocol, tmp_path):
+    p = load_protocol(write_protocol(MINIMAL))
+    base = _key(p)
+    assert _key(p, gradient_checkpointing=False) == base
+    assert _key(p, save="final", checkpoint_every=50) == base
+    assert _key(p, steps=9999) == base  # constant schedule: steps are snapshots
+    renamed = replace(p, subjects=(replace(p.subjects[0], name="rex"),))
+    assert _key(renamed) == base
+    elsewhere = load_protocol(write_protocol(MINIMAL + "output: {runs_dir: /elsewhere/runs}\neval: {seeds: [7]}\n",
+                                             "q.yaml"))
+    assert _key(elsewhere) == base
+    # Without prior preservation, class-image settings are irrelevant.
+    assert _key(p, prior_loss_weight=0.0, num_class_images=0) == _key(p, prior_loss_weight=0.0, num_class_images=0)
+    no_prior = replace(p, class_images=replace(p.class_images, steps=99))
+    assert _key(no_prior, prior_loss_weight=0.0, num_class_images=0) == _key(p, prior_loss_weight=0.0,
+                                                                              num_class_images=0)
+
+
+def test_instance_bytes_change_the_key(write_protocol, subject_dir):
+    p = load_protocol(write_protocol(MINIMAL))
+    before = expand(p)[0].run_key
+    write_images(subject_dir, n=1, seed=42)  # overwrites 00.jpg with other pixels
+    assert expand(p)[0].run_key != before
+
+
+def test_dry_run_plan_lists_runs_pools_and_work():
+    plan = make_plan(load_protocol(REPO / "protocols" / "prior_ablation.yaml"))
+    text = format_plan(plan)
+    assert "7 training runs" in text
+    assert "200, 400, 800, 1200" in text
+    assert "class-image pool" in text and "200 images" in text
+    assert f"optimizer steps {7 * 1200}" in text
+    # 25 live prompts + 6 class prompts, 4 seeds, 4 snapshots per run, 7 runs; 200 class images; base model once.
+    eval_images = 7 * 4 * (25 + 6) * 4
+    assert f"{200} class + {eval_images} evaluation + {(25 + 6) * 4} base model" in text
