@@ -1,0 +1,206 @@
+"""Fabricated on-disk records of a finished study, as the trainer and the evaluator write them.
+
+`fabricate_study` writes, for a protocol's runs: spec.json, train.json (or error.json for a failed run) and one
+scores.json per snapshot with tiny real PNGs, plus the base-model and real-image reference records. The numbers
+are plausible and follow `metric_value`, so tests know what to expect; `overrides` pins chosen values.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from harness.config import Protocol
+from harness.grid import RunSpec, expand
+from harness.prompts import class_prompts, subject_prompts
+from harness.results import METRIC_NAMES, sort_runs
+
+FIXED_DIGESTS = {"dog": "0" * 64, "cat": "1" * 64}
+HALF_WIDTH = {"clip_t": 0.01}  # interval half-widths; 0.03 for the others
+SCORES_NAME = "scores-0123abcd.json"  # the evaluator names records after a hash of their settings
+TINY_BACKBONES = {"clip": {"backbone": "tiny-clip-0", "pretrained": "random (tiny, pipeline check only)"},
+                  "dino": {"backbone": "tiny-dino-0", "pretrained": "random (tiny, pipeline check only)"}}
+REAL_BACKBONES = {"clip": {"backbone": "open_clip:ViT-B-32/openai", "pretrained": "open_clip pretrained='openai'"},
+                  "dino": {"backbone": "timm:vit_small_patch16_224.dino", "pretrained": "timm pretrained"}}
+Value = tuple[float, float, float]  # mean, ci_low, ci_high
+
+
+@dataclass(frozen=True)
+class Study:
+    runs: list[RunSpec]
+    run_folders: list[Path]
+    score_files: list[Path]  # snapshots, then references
+
+
+def metric_value(name: str, weight: float, count: int, fraction: float) -> Value | None:
+    """A plausible value of a metric for a run with prior weight `weight` at `fraction` of its training."""
+    prior = weight > 0
+    mean = {
+        "dino": 0.40 + 0.25 * fraction + (0.0 if prior else 0.03) + 0.0002 * count - 0.01 * weight,
+        "clip_i": 0.60 + 0.20 * fraction,
+        "clip_t": 0.31 - 0.03 * fraction - (0.0 if prior else 0.01),
+        "pres": 0.42 + (0.05 if prior else 0.25) * fraction - 0.00005 * count - 0.02 * weight * fraction,
+        "div_subject": 0.40 - 0.08 * fraction,
+        "div_class": 0.42 - (0.03 if prior else 0.12) * fraction + 0.0001 * count,
+    }.get(name)
+    if mean is None:
+        return None
+    half = HALF_WIDTH.get(name, 0.03)
+    return (round(mean, 6), round(mean - half, 6), round(mean + half, 6))
+
+
+BASE_VALUES: dict[str, Value] = {
+    "dino": (0.30, 0.27, 0.33), "clip_i": (0.55, 0.52, 0.58), "clip_t": (0.32, 0.31, 0.33),
+    "pres": (0.40, 0.37, 0.43), "div_subject": (0.45, 0.42, 0.48), "div_class": (0.46, 0.43, 0.49),
+}
+REAL_VALUES: dict[str, Value] = {"dino": (0.774, 0.74, 0.80), "clip_i": (0.885, 0.86, 0.91),
+                                 "div_subject": (0.35, 0.31, 0.39)}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def _png(path: Path, colour: tuple[int, int, int], seed: int, size: int = 16) -> Path:
+    """A small PNG: a flat colour with a little seeded noise (so seeds differ)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour)[None, None, :] + rng.integers(-20, 20, (size, size, 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return path
+
+
+def _metric_entry(name: str, value: Value | None, backbones: dict[str, Any]) -> dict[str, Any]:
+    backbone = backbones["clip" if name.startswith("clip") else "dino"]["backbone"]
+    if value is None:
+        return {"mean": None, "ci_low": None, "ci_high": None, "n": 0, "n_groups": 0,
+                "higher_is_better": name != "pres", "backbone": backbone,
+                "note": "LPIPS weights are not available offline" if name == "div_lpips" else "not applicable"}
+    mean, low, high = value
+    return {"mean": mean, "ci_low": low, "ci_high": high, "n": 8, "n_groups": 8,
+            "higher_is_better": name != "pres", "backbone": backbone, "note": ""}
+
+
+def _images(protocol: Protocol, subject_name: str, folder: Path, colour: tuple[int, int, int],
+            score: float) -> list[dict[str, Any]]:
+    subject = protocol.subject(subject_name)
+    out = []
+    for kind, prompts in (("subject", subject_prompts(subject, protocol.eval)),
+                          ("class", class_prompts(subject, protocol.eval))):
+        for p, prompt in enumerate(prompts):
+            for seed in protocol.eval.seeds:
+                path = _png(folder / f"{kind}_{p:02d}_seed{seed}.png", colour, seed)
+                scores = {"dino": score, "clip_i": score + 0.2, "clip_t": 0.3} if kind == "subject" else \
+                    {"pres": score}
+                out.append({"path": str(path), "prompt": prompt, "prompt_kind": kind, "seed": seed,
+                            "scores": scores})
+    return out
+
+
+def _scores(protocol: Protocol, kind: str, subject: str, run_key: str | None, step: int | None,
+            values: dict[str, Value | None], images: list[dict[str, Any]], backbones: dict[str, Any]) -> dict:
+    return {
+        "schema": 1, "kind": kind, "protocol": protocol.name, "subject": subject,
+        "class_noun": protocol.subject(subject).class_noun, "identifier": protocol.subject(subject).identifier,
+        "run_key": run_key, "step": step,
+        "metrics": {m: _metric_entry(m, values.get(m), backbones) for m in METRIC_NAMES},
+        "backbones": backbones,
+        "sampler": {"name": protocol.eval.sampler, "steps": protocol.eval.steps,
+                    "guidance_scale": protocol.eval.guidance_scale, "resolution": protocol.train.resolution},
+        "images": images, "seconds": {"sampling": 1.5, "scoring": 0.25},
+    }
+
+
+def write_references(protocol: Protocol, subject: str, folder: Path, backbones: dict[str, Any],
+                     base_values: dict[str, Value] | None = None) -> list[Path]:
+    base = folder / subject / "base_model"
+    _write_json(base / SCORES_NAME, _scores(
+        protocol, "base_model", subject, None, 0, base_values or BASE_VALUES,
+        _images(protocol, subject, base / "images", (90, 90, 90), 0.3), backbones))
+    real = folder / subject / "real_images"
+    instance_files = sorted(protocol.subject(subject).instance_dir.glob("*.jpg"))
+    images = [{"path": str(p), "prompt": "", "prompt_kind": "real", "seed": None, "scores": {"dino": 0.77}}
+              for p in instance_files]
+    record = _scores(protocol, "real_images", subject, None, None, REAL_VALUES, images, backbones)
+    record["seconds"] = {"scoring": 0.1}
+    record["sampler"] = None
+    _write_json(real / SCORES_NAME, record)
+    return [base / SCORES_NAME, real / SCORES_NAME]
+
+
+def fabricate_study(protocol: Protocol, root: Path, *, fail_run: int | None = None, tiny_backbones: bool = True,
+                    overrides: dict[tuple[int, int], dict[str, Value]] | None = None,
+                    base_values: dict[str, Value] | None = None) -> Study:
+    """Records of every run of `protocol` under root/runs and root/references.
+
+    fail_run: index (in table order) of a run that raises after its first snapshot: it gets an error.json and no
+    scores for its later steps. overrides: (run index, step) -> {metric: (mean, low, high)}.
+    """
+    backbones = TINY_BACKBONES if tiny_backbones else REAL_BACKBONES
+    runs = sort_runs(expand(protocol, FIXED_DIGESTS))
+    folders, files = [], []
+    for index, run in enumerate(runs):
+        folder = root / "runs" / run.run_key
+        folders.append(folder)
+        _write_json(folder / "spec.json", run.to_json())
+        steps = run.snapshot_steps[:1] if index == fail_run else run.snapshot_steps
+        for step in steps:
+            values: dict[str, Value | None] = {
+                m: metric_value(m, run.train.prior_loss_weight, run.train.num_class_images, step / run.train.steps)
+                for m in METRIC_NAMES}
+            values.update((overrides or {}).get((index, step), {}))
+            colour = (40 + 60 * index % 200, 80 + 30 * step % 150, 200 - 40 * index % 160)
+            snapshot = folder / "snapshots" / f"step_{step:06d}"
+            images = _images(protocol, run.subject.name, snapshot / "images", colour, values["dino"][0])
+            files.append(snapshot / SCORES_NAME)
+            _write_json(files[-1], _scores(protocol, "snapshot", run.subject.name, run.run_key, step, values, images,
+                                           backbones))
+        if index == fail_run:
+            _write_json(folder / "error.json", {
+                "run_key": run.run_key, "error_type": "OutOfMemoryError", "phase": "train",
+                "message": "CUDA out of memory. Tried to allocate 2.00 GiB",
+                "traceback": "Traceback (most recent call last):\n  ...\nOutOfMemoryError: CUDA out of memory."})
+        else:
+            _write_json(folder / "train.json", {
+                "run_key": run.run_key, "final_step": run.train.steps, "seconds_per_step": 0.25,
+                "wall_seconds": 0.25 * run.train.steps + 3.0, "peak_memory_bytes": 9.5 * 2**30,
+                "optimizer": "AdamW8bit", "losses": [0.1] * run.train.steps, "device": "NVIDIA H100 80GB HBM3"})
+    references = root / "references"
+    for subject in sorted({r.subject.name for r in runs}):
+        files += write_references(protocol, subject, references, backbones, base_values)
+    return Study(runs=runs, run_folders=folders, score_files=files)
+
+
+# The smoke grid (prior weight x steps x class images: 3 runs x 2 snapshots) on the test's image folder.
+SMOKE_LIKE = """
+name: {name}
+model: {{id: {model}}}
+subjects:
+  - name: dog
+    instance_dir: "{{subject_dir}}"
+    class_noun: dog
+train:
+  resolution: 32
+  learning_rate: 1.0e-4
+eval:
+  backbones: {backbones}
+  seeds: [0, 1]
+  class_prompts: ["a {{class}}", "a {{class}} on the beach"]
+  max_subject_prompts: 2
+  bootstrap_samples: 200
+grid:
+  prior_loss_weight: [0.0, 1.0]
+  steps: [2, 4]
+  num_class_images: [2, 4]
+"""
+
+
+def smoke_like(name: str = "smoke", tiny: bool = True) -> str:
+    return SMOKE_LIKE.format(name=name, model="tiny" if tiny else "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                             backbones="tiny" if tiny else "real")

@@ -1,0 +1,119 @@
+"""Sampling and scoring of one snapshot with tiny models: files, sidecars, resumption, record contents."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+from PIL import Image
+
+from harness.config import EvalSpec, SubjectSpec
+from harness.embedders import EmbeddingCache, make_embedders
+from harness.evaluator import Scorer, real_images_record, samples_record
+from harness.models import build_tiny_components
+from harness.sampling import eval_requests, generate, missing, read_samples, sampler_settings, samples_key
+from tests.conftest import write_images
+
+SPEC = EvalSpec(backbones="tiny", seeds=(0, 1), class_prompts=("a {class}", "a {class} on the beach"),
+                sampler="ddim", steps=2, bootstrap_samples=100, max_subject_prompts=2)
+
+
+@pytest.fixture(scope="module")
+def components():
+    return build_tiny_components(seed=0)
+
+
+@pytest.fixture
+def subject(tmp_path):
+    return SubjectSpec(name="dog", instance_dir=write_images(tmp_path / "dog", n=3), class_noun="dog")
+
+
+def test_requests_cover_subject_and_class_prompts_with_every_seed(subject):
+    requests = eval_requests(subject, SPEC)
+    assert [(r.prompt_kind, r.prompt, r.seed) for r in requests] == [
+        ("subject", "a sks dog in the jungle", 0), ("subject", "a sks dog in the jungle", 1),
+        ("subject", "a sks dog in the snow", 0), ("subject", "a sks dog in the snow", 1),
+        ("class", "a dog", 0), ("class", "a dog", 1),
+        ("class", "a dog on the beach", 0), ("class", "a dog on the beach", 1),
+    ]
+
+
+def test_samples_key_changes_with_prompts_seeds_and_sampler(subject):
+    settings = sampler_settings(SPEC, 32)
+    base = samples_key(subject, SPEC, settings)
+    assert samples_key(subject, replace(SPEC, seeds=(0, 2)), settings) != base
+    assert samples_key(subject, SPEC, replace(settings, steps=3)) != base
+    assert samples_key(replace(subject, identifier="zwx"), SPEC, settings) != base
+    assert samples_key(subject, replace(SPEC, bootstrap_samples=500), settings) == base  # scoring only
+
+
+def test_generate_writes_pngs_with_sidecars_and_resumes(tmp_path, subject, components):
+    requests = eval_requests(subject, SPEC)
+    out = tmp_path / "samples"
+    settings = sampler_settings(SPEC, 32)
+    meta = {"run_key": "abc", "step": 4}
+    assert generate(components, requests[:3], out, settings, "cpu", "fp32", meta, batch_size=2) == 3
+    assert len(missing(out, requests)) == len(requests) - 3
+    assert generate(components, requests, out, settings, "cpu", "fp32", meta, batch_size=4) == len(requests) - 3
+    assert generate(components, requests, out, settings, "cpu", "fp32", meta) == 0  # nothing left to do
+    records = read_samples(out, requests)
+    first = records[0]
+    assert first["prompt"] == "a sks dog in the jungle" and first["seed"] == 0 and first["run_key"] == "abc"
+    assert first["step"] == 4 and first["sampler_sampler"] == "ddim" and first["sampler_steps"] == 2
+    assert Image.open(first["path"]).size == (32, 32)
+
+
+def test_an_image_does_not_depend_on_its_batch(tmp_path, subject, components):
+    requests = eval_requests(subject, SPEC)[:4]
+    settings = sampler_settings(SPEC, 32)
+    generate(components, requests, tmp_path / "a", settings, "cpu", "fp32", {}, batch_size=1)
+    generate(components, requests, tmp_path / "b", settings, "cpu", "fp32", {}, batch_size=4)
+    for r in requests:
+        a = Image.open(tmp_path / "a" / f"{r.stem}.png").tobytes()
+        b = Image.open(tmp_path / "b" / f"{r.stem}.png").tobytes()
+        assert sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a) < 1.0  # equal up to float noise
+
+
+def test_one_snapshot_sampled_and_scored_end_to_end(tmp_path, subject, components):
+    requests = eval_requests(subject, SPEC)
+    out = tmp_path / "samples"
+    generate(components, requests, out, sampler_settings(SPEC, 32), "cpu", "fp32", {"run_key": "abc", "step": 2})
+    scorer = Scorer(make_embedders("tiny"), EmbeddingCache(tmp_path / "cache"), SPEC)
+    real = sorted(subject.instance_dir.iterdir())
+    record = samples_record(scorer, read_samples(out, requests), real, subject, kind="snapshot", protocol="t",
+                            run_key="abc", step=2, sampler={"name": "ddim"}, seconds={"sampling": 1.0})
+    json.dumps(record)  # the record is plain JSON
+    assert record["kind"] == "snapshot" and record["run_key"] == "abc" and record["step"] == 2
+    assert set(record["metrics"]) == set(SPEC.metrics)
+    for name in ("dino", "clip_i", "clip_t", "pres"):
+        m = record["metrics"][name]
+        assert -1 <= m["ci_low"] <= m["mean"] <= m["ci_high"] <= 1, name
+    assert record["metrics"]["dino"]["n"] == 4 and record["metrics"]["pres"]["n"] == 4
+    assert 0 <= record["metrics"]["div_class"]["mean"] <= 2
+    assert len(record["images"]) == 8
+    subject_image = record["images"][0]
+    assert set(subject_image["scores"]) >= {"dino", "clip_i", "clip_t", "div_subject"}
+    assert "pres" not in subject_image["scores"]  # PRES is a class-prompt score
+    assert "tiny" in record["backbones"]["clip"]["backbone"] or "tiny" in json.dumps(record["backbones"]["clip"])
+
+    # Scoring again embeds nothing new: the cache answers.
+    calls = []
+    original = scorer.dino.embed_images
+    scorer.dino.embed_images = lambda images: calls.append(len(images)) or original(images)
+    again = samples_record(scorer, read_samples(out, requests), real, subject, kind="snapshot", protocol="t",
+                           run_key="abc", step=2, sampler={"name": "ddim"}, seconds={})
+    assert calls == []
+    assert again["metrics"]["dino"] == record["metrics"]["dino"]
+
+
+def test_real_images_row_is_leave_one_out(tmp_path, subject):
+    scorer = Scorer(make_embedders("tiny"), EmbeddingCache(tmp_path / "cache"), SPEC)
+    real = sorted(subject.instance_dir.iterdir())
+    record = real_images_record(scorer, real, subject, "t")
+    assert record["kind"] == "real_images" and record["step"] is None
+    dino = record["metrics"]["dino"]
+    assert dino["n"] == 3 and dino["mean"] < 0.999999  # self-pairs (cosine 1) are excluded
+    assert record["metrics"]["clip_t"]["mean"] is None and record["metrics"]["clip_t"]["note"]
+    assert not math.isnan(record["metrics"]["clip_i"]["mean"])

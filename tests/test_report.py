@@ -1,0 +1,147 @@
+"""The markdown report from fabricated results: links resolve, the pipeline-check banner, best values and ties,
+the verdict, failed runs, and image grids that put each image in its cell."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from harness.config import load_protocol
+from harness.report import BANNER, LABEL_WIDTH, PAD, TIED, TILE, compose_grid, write_report
+from harness.results import load_records, write_results
+from tests.fake_records import fabricate_study, metric_value, smoke_like
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)]+)\)")
+
+
+def _report(protocol, tmp_path: Path, **kwargs) -> tuple[str, Path]:
+    study = fabricate_study(protocol, tmp_path, **kwargs)
+    records = load_records(study.run_folders, study.score_files)
+    results = write_results(protocol, study.runs, records, tmp_path / "results" / protocol.name)
+    path = write_report(protocol, results, tmp_path / "reports" / protocol.name)
+    return path.read_text(), path.parent
+
+
+@pytest.fixture
+def tiny(write_protocol):
+    return load_protocol(write_protocol(smoke_like()))
+
+
+@pytest.fixture
+def real(write_protocol):
+    return load_protocol(write_protocol(smoke_like(name="study", tiny=False), name="real.yaml"))
+
+
+def _row(text: str, label: str, step: int) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {label} | {step} |"))
+
+
+def test_every_linked_plot_and_grid_exists_and_links_are_relative(tiny, tmp_path):
+    text, folder = _report(tiny, tmp_path)
+    links = LINK.findall(text)
+    images = [link for link in links if link.endswith(".png")]
+    names = {Path(link).name for link in images}
+    assert names == {"dog_metrics_vs_steps.png", "dog_frontier.png", "dog_diversity.png", "dog_grid_subject.png",
+                     "dog_grid_class.png"}
+    for link in links:
+        assert not Path(link).is_absolute() and (folder / link).is_file(), link
+    for link in images:
+        with Image.open(folder / link) as image:
+            assert image.width >= 600 and image.height >= 300
+
+
+def test_banner_for_tiny_models_and_none_for_real_ones(tiny, real, tmp_path):
+    text, _ = _report(tiny, tmp_path / "tiny")
+    assert text.splitlines()[2].startswith(f"> **{BANNER}.**")
+    text, _ = _report(real, tmp_path / "real", tiny_backbones=False)
+    assert BANNER not in text and "random weights" not in text
+    assert "`open_clip:ViT-B-32/openai`" in text
+
+
+def test_tiny_backbones_alone_bring_the_banner(write_protocol, tmp_path):
+    protocol = load_protocol(write_protocol(smoke_like(tiny=False).replace("backbones: real", "backbones: tiny")))
+    text, _ = _report(protocol, tmp_path)
+    assert BANNER in text and "metric backbones are tiny random networks" in text
+
+
+def test_the_best_value_is_bold_and_ties_are_said(tiny, tmp_path):
+    text, _ = _report(tiny, tmp_path)
+    best = metric_value("dino", 0.0, 0, 1.0)  # no prior, last step: the highest DINO of the fabricated grid
+    assert f"**{best[0]:.3f} [{best[1]:.3f}, {best[2]:.3f}]**" in _row(text, "w=0", 4)
+    tied = metric_value("dino", 1.0, 4, 1.0)
+    assert f"{tied[0]:.3f} [{tied[1]:.3f}, {tied[2]:.3f}] ≈" in _row(text, "w=1, n=4", 4)
+    assert f"- DINO: best w=0 @ 4 ({best[0]:.3f} [{best[1]:.3f}, {best[2]:.3f}]), {TIED} with " in text
+    assert "w=1, n=4 @ 4" in next(line for line in text.splitlines() if line.startswith("- DINO: best"))
+    assert "*real images*" in text.splitlines()[text.splitlines().index(
+        next(line for line in text.splitlines() if line.startswith("| configuration | step |"))) + 2]
+
+
+def test_a_clear_winner_is_said_to_be_clear(tiny, tmp_path):
+    text, _ = _report(tiny, tmp_path, overrides={(0, 4): {"dino": (0.95, 0.94, 0.96)}})
+    assert "**0.950 [0.940, 0.960]**" in _row(text, "w=0", 4)
+    assert "- DINO: best w=0 @ 4 (0.950 [0.940, 0.960]), clearly: its interval overlaps no other" in text
+    assert "≈" not in "".join(line.split("|")[3] for line in text.splitlines() if line.startswith("| w="))
+
+
+def test_verdict_picks_the_best_fidelity_within_the_base_models_drift(tiny, tmp_path):
+    base = {"dino": (0.30, 0.27, 0.33), "clip_t": (0.32, 0.31, 0.33), "pres": (0.46, 0.44, 0.48)}
+    text, _ = _report(tiny, tmp_path, base_values=base)
+    verdict = text.split("## Verdict")[1].split("## Setup")[0]
+    # Only the prior-preservation runs keep PRES <= 0.48; of those the 4-class-image run at step 4 has most DINO.
+    assert "Best subject fidelity at acceptable drift" in verdict and "**w=1, n=4 @ 4**" in verdict
+    assert f"On DINO it is {TIED} with w=1, n=2 @ 4" in verdict
+    assert "The highest DINO overall, w=0 @ 4" in verdict and "pays for it with drift" in verdict
+    assert "At step 4, prior preservation (w=1, n=4) lowers PRES" in verdict
+
+
+def test_verdict_says_when_clip_t_falls(tiny, tmp_path):
+    text, _ = _report(tiny, tmp_path, overrides={(0, 4): {"clip_t": (0.20, 0.19, 0.21)}})
+    assert "- w=0: CLIP-T falls after step 2 (" in text and "0.200 [0.190, 0.210] at step 4" in text
+    assert "- w=1, n=2: DINO keeps rising and CLIP-T holds up to step 4" in text
+
+
+def test_a_failed_run_is_listed_with_its_error(tiny, tmp_path):
+    text, _ = _report(tiny, tmp_path, fail_run=2)
+    failures = text.split("## Failed runs")[1]
+    assert "| w=1, n=4 | 4 | train | OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB |" in failures
+    text, _ = _report(tiny, tmp_path / "ok")
+    assert "All runs finished and were scored." in text.split("## Failed runs")[1]
+
+
+def test_a_report_without_any_scored_snapshot_still_renders(tiny, tmp_path):
+    study = fabricate_study(tiny, tmp_path)
+    references = [f for f in study.score_files if "references" in f.parts]
+    results = write_results(tiny, study.runs, load_records(study.run_folders, references), tmp_path / "results")
+    text = write_report(tiny, results, tmp_path / "report").read_text()
+    assert "Not scored yet (no result and no error)" in text
+    assert "*base model (step 0)*" in text and not list((tmp_path / "report" / "figures").glob("*frontier*"))
+
+
+def test_stale_figures_are_removed(tiny, tmp_path):
+    _, folder = _report(tiny, tmp_path)
+    stale = folder / "figures" / "old_subject_frontier.png"
+    stale.write_bytes(b"")
+    write_report(tiny, tmp_path / "results" / tiny.name, folder)
+    assert not stale.exists() and (folder / "figures" / "dog_frontier.png").is_file()
+
+
+def test_grid_puts_each_image_in_its_row_and_column(tmp_path):
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "grey": (128, 128, 128)}
+    paths = {}
+    for name, colour in colours.items():
+        paths[name] = tmp_path / f"{name}.png"
+        Image.new("RGB", (8, 8), colour).save(paths[name])
+    grid = compose_grid("title", ["base model (step 0)", "step 2"],
+                        [("w=0", [paths["grey"], paths["red"]]), ("w=1, n=2", [paths["grey"], None])],
+                        strip=("real images", [paths["blue"]]))
+    assert grid.width == LABEL_WIDTH + 2 * (TILE + PAD) + PAD
+
+    def centre(row: int, column: int) -> tuple[int, int, int]:
+        top = grid.height - PAD - (2 - row) * (TILE + PAD)  # rows are laid out upwards from the bottom edge
+        return grid.getpixel((LABEL_WIDTH + column * (TILE + PAD) + TILE // 2, top + TILE // 3))
+
+    assert centre(0, 0) == colours["grey"] and centre(0, 1) == colours["red"]
+    assert centre(1, 0) == colours["grey"] and centre(1, 1) == (225, 225, 225)  # a missing image: a grey tile

@@ -1,0 +1,126 @@
+"""The smoke study end to end: CSVs, report, resumption without recomputation, and a failing run."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import harness.runner as runner
+from harness.config import load_protocol
+from harness.grid import expand
+from run_experiment import main
+from tests.conftest import REPO
+
+METRIC_RANGES = {"dino": (-1, 1), "clip_i": (-1, 1), "clip_t": (-1, 1), "pres": (-1, 1), "div_subject": (0, 2),
+                 "div_class": (0, 2)}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The smoke protocol run once in a scratch folder (outputs go to the working directory)."""
+    root = tmp_path_factory.mktemp("study")
+    shutil.copytree(REPO / "examples", root / "examples")
+    (root / "protocols").mkdir()
+    shutil.copy(REPO / "protocols" / "smoke.yaml", root / "protocols" / "smoke.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert main(["protocols/smoke.yaml"]) == 0
+    return root
+
+
+def test_runs_csv_has_one_row_per_run_and_snapshot_with_finite_metrics(study):
+    protocol = load_protocol(study / "protocols" / "smoke.yaml")
+    runs = expand(protocol)
+    table = pd.read_csv(study / "results" / "smoke" / "runs.csv")
+    assert len(table) == sum(len(r.snapshot_steps) for r in runs) == 6
+    assert set(zip(table.run_key, table.step, strict=True)) == {(r.run_key, s) for r in runs for s in r.snapshot_steps}
+    assert (table.status == "ok").all()
+    for metric, (low, high) in METRIC_RANGES.items():
+        values = table[metric]
+        assert values.map(math.isfinite).all(), metric
+        assert values.between(low, high).all(), metric
+        assert (table[f"{metric}_ci_low"] <= values + 1e-12).all()
+        assert (values <= table[f"{metric}_ci_high"] + 1e-12).all()
+    assert set(table.clip_backbone) == {"tiny-random:clip (random weights)"}
+    assert set(table.prior_loss_weight) == {0.0, 1.0}
+
+
+def test_images_and_references_csv(study):
+    images = pd.read_csv(study / "results" / "smoke" / "images.csv")
+    # 3 runs x 2 snapshots x 8 images, 8 base-model images and the 5 real photos
+    assert len(images) == 3 * 2 * 8 + 8 + 5
+    generated = images[images.prompt_kind.isin(["subject", "class"])]
+    assert {"run_key", "step", "prompt", "prompt_kind", "seed", "path"} <= set(images.columns)
+    assert generated.prompt[generated.prompt_kind == "class"].str.contains("sks").sum() == 0
+    references = pd.read_csv(study / "results" / "smoke" / "references.csv")
+    assert sorted(references.reference) == ["base_model", "real_images"]
+
+
+def test_report_links_exist_and_carry_the_banner(study):
+    report = study / "reports" / "smoke" / "report.md"
+    text = report.read_text()
+    assert "Pipeline check only" in text
+    links = re.findall(r"\]\(([^)]+\.png)\)", text)
+    assert len(links) >= 5
+    for link in links:
+        assert not Path(link).is_absolute()
+        assert (report.parent / link).is_file(), link
+
+
+def test_second_invocation_computes_nothing_and_rebuilds_identical_csvs(study, monkeypatch):
+    before = {name: (study / "results" / "smoke" / name).read_bytes() for name in ("runs.csv", "images.csv")}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work was redone")
+
+    monkeypatch.chdir(study)
+    monkeypatch.setattr(runner, "train", forbidden)
+    monkeypatch.setattr(runner, "generate", forbidden)
+    monkeypatch.setattr("harness.class_images.generate_images", forbidden)
+    monkeypatch.setattr("harness.embedders.Embedder.embed_images", forbidden)
+    assert main(["protocols/smoke.yaml"]) == 0
+    after = {name: (study / "results" / "smoke" / name).read_bytes() for name in before}
+    assert after == before
+
+
+def test_a_failing_run_is_recorded_and_the_others_complete(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    (tmp_path / "protocols").mkdir()
+    text = (REPO / "protocols" / "smoke.yaml").read_text().replace("steps: [2, 4]", "steps: [2]")
+    (tmp_path / "protocols" / "smoke.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    runs = expand(load_protocol(tmp_path / "protocols" / "smoke.yaml"))
+    doomed = runs[1].run_key
+    real_train = runner.train
+
+    def train(run, *args, **kwargs):
+        if run.run_key == doomed:
+            raise RuntimeError("injected failure")
+        return real_train(run, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train", train)
+    assert main(["protocols/smoke.yaml"]) == 1
+    table = pd.read_csv(tmp_path / "results" / "smoke" / "runs.csv")
+    status = dict(zip(table.run_key, table.status, strict=True))
+    assert status.pop(doomed) == "failed"
+    assert set(status.values()) == {"ok"} and len(status) == 2
+    assert "injected failure" in table.loc[table.run_key == doomed, "error"].iloc[0]
+    assert "injected failure" in (tmp_path / "runs" / doomed / "error.json").read_text()
+    # The next invocation retries only the failed run.
+    monkeypatch.setattr(runner, "train", real_train)
+    assert main(["protocols/smoke.yaml"]) == 0
+    assert not (tmp_path / "runs" / doomed / "error.json").exists()
+
+
+def test_dry_run_and_bad_protocol_exit_codes(tmp_path, capsys):
+    assert main([str(REPO / "protocols" / "smoke.yaml"), "--dry-run"]) == 0
+    assert "3 training runs" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "protocols" / "smoke.yaml").read_text().replace("resolution: 32", "resolution: 30"))
+    assert main([str(bad), "--dry-run"]) == 2
+    assert "train.resolution: must be a positive multiple of 8" in capsys.readouterr().err
