@@ -19,6 +19,7 @@ import re
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ CLIP_PREPROCESSING = ("open_clip ViT-B-32/openai: resize shorter side to 224 (bi
                       "OpenAI CLIP mean/std")
 METRIC_SCALE = "raw cosine in [-1, 1]"
 TINY_SOURCE = "random (tiny, pipeline check only)"
+PREPROCESS_THREADS = min(8, os.cpu_count() or 1)
 DEFAULT_BATCH_SIZE = 32
 
 
@@ -120,12 +122,17 @@ class Embedder(ABC):
         import torch
 
         rows = []
-        for start in range(0, len(images), self.batch_size):
-            batch = [self.transform(load_rgb(im)) for im in images[start:start + self.batch_size]]
-            with torch.inference_mode():
-                features = self._forward_images(torch.stack(batch).to(self.device))
-            rows.append(_normalised_numpy(features))
+        with ThreadPoolExecutor(max_workers=PREPROCESS_THREADS) as pool:
+            for start in range(0, len(images), self.batch_size):
+                # Decoding and resizing dominate on a GPU; Pillow releases the GIL, so threads overlap them.
+                batch = list(pool.map(self._preprocess, images[start:start + self.batch_size]))
+                with torch.inference_mode():
+                    features = self._forward_images(torch.stack(batch).to(self.device))
+                rows.append(_normalised_numpy(features))
         return self._stack(rows)
+
+    def _preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(load_rgb(image))
 
     def _stack(self, rows: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)
