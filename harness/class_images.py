@@ -189,7 +189,7 @@ def generate_images(
     bar = tqdm(total=len(indices), desc=f"class images {pool.prompt!r}", unit="img")
     position = 0
     # PNG encoding runs in threads (zlib releases the GIL) while the GPU renders the next batch.
-    with _inference_placement(components, device), torch.inference_mode(), ThreadPoolExecutor(SAVE_THREADS) as pool_:
+    with _inference_placement(components, device), torch.inference_mode(), ThreadPoolExecutor(SAVE_THREADS) as writers:
         saving: list[Future] = []
         while position < len(indices):
             chunk = indices[position : position + batch]
@@ -201,7 +201,8 @@ def generate_images(
                 batch = _halve_batch(batch, explicit=batch_size is not None)
                 continue
             _wait(saving, bar)  # the previous batch: at most two batches of images wait in memory
-            saving = [pool_.submit(save_image, folder, pool, i, image) for i, image in zip(chunk, images, strict=True)]
+            saving = [writers.submit(save_image, folder, pool, index, image)
+                      for index, image in zip(chunk, images, strict=True)]
             position += len(chunk)
         _wait(saving, bar)
     bar.close()
@@ -224,25 +225,11 @@ def _halve_batch(batch: int, explicit: bool) -> int:
 
 
 def render_images(pipe, pool: PoolSpec, indices: list[int], device: torch.device) -> list[Image.Image]:
-    """The pool's images `indices`; each one's latents and sampler noise come from its own CPU generator."""
-    import torch
+    """The pool's images `indices`, each from its own seed."""
+    from harness.sampling import render
 
-    generators = [torch.Generator(device="cpu").manual_seed(pool.image_seed(i)) for i in indices]
-    side = pool.resolution // pipe.vae_scale_factor
-    shape = (pipe.unet.config.in_channels, side, side)
-    latents = torch.stack([torch.randn(shape, generator=g) for g in generators])
-    negative = pool.sampler.negative_prompt
-    return pipe(
-        prompt=[pool.prompt] * len(indices),
-        negative_prompt=[negative] * len(indices) if negative else None,
-        height=pool.resolution,
-        width=pool.resolution,
-        num_inference_steps=pool.sampler.steps,
-        guidance_scale=pool.sampler.guidance_scale,
-        latents=latents.to(device=device, dtype=pipe.unet.dtype),
-        generator=generators,
-        output_type="pil",
-    ).images
+    return render(pipe, [pool.prompt] * len(indices), [pool.image_seed(i) for i in indices], pool.resolution,
+                  pool.sampler.steps, pool.sampler.guidance_scale, device, pool.sampler.negative_prompt)
 
 
 def save_image(folder: Path, pool: PoolSpec, index: int, image: Image.Image) -> None:

@@ -781,8 +781,11 @@ def best_sentences(tables: ResultTables, rows: list[pd.Series], metrics: Sequenc
 def _setup(tables: ResultTables, protocol: Protocol | None) -> list[str]:
     meta = tables.metadata
     model = meta.get("model", {})
-    revision = "" if model.get("id") == "tiny" else \
-        f", revision {model.get('revision') or 'not pinned (the hub latest at run time)'}"
+    revision = ""
+    if Path(str(model.get("id"))).is_absolute():
+        revision = ", a local folder"
+    elif model.get("id") != "tiny":
+        revision = f", revision {model.get('revision') or 'not pinned (the hub latest at run time)'}"
     ev = meta.get("eval", {})
     runs = tables.runs
     lines = [

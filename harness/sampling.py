@@ -162,23 +162,29 @@ def generate(
 
 
 def _render(pipe, chunk: Sequence[SampleRequest], settings: SamplerSettings, device: torch.device) -> list:
-    generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in chunk]
-    # Latents drawn on the CPU from each image's own generator: identical on every device and in every batch.
-    side = settings.resolution // pipe.vae_scale_factor
+    return render(pipe, [r.prompt for r in chunk], [r.seed for r in chunk], settings.resolution, settings.steps,
+                  settings.guidance_scale, device)
+
+
+def render(pipe, prompts: Sequence[str], seeds: Sequence[int], resolution: int, steps: int, guidance_scale: float,
+           device: torch.device, negative_prompt: str = "") -> list:
+    """One image per (prompt, seed). Latents and sampler noise come from each image's own CPU generator, so an
+    image is the same on every device and in every batch (up to float rounding of batched kernels)."""
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    side = resolution // pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, side, side)
     latents = torch.stack([torch.randn(shape, generator=g) for g in generators])
-    latents = latents.to(device=device, dtype=pipe.unet.dtype)
-    result = pipe(
-        prompt=[r.prompt for r in chunk],
-        height=settings.resolution,
-        width=settings.resolution,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
-        latents=latents,
+    return pipe(
+        prompt=list(prompts),
+        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+        height=resolution,
+        width=resolution,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        latents=latents.to(device=device, dtype=pipe.unet.dtype),
         generator=generators,
         output_type="pil",
-    )
-    return result.images
+    ).images
 
 
 def _save(out_dir: Path, request: SampleRequest, image, settings: SamplerSettings, meta: dict[str, Any]) -> None:

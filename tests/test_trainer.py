@@ -64,6 +64,12 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+@pytest.fixture(autouse=True)
+def small_parameter_threshold(monkeypatch):
+    """The tiny UNet's tensors are all small; a lower threshold gives low_memory mode both kinds to handle."""
+    monkeypatch.setattr(trainer, "HOOKED_MIN_ELEMENTS", 2000)
+
+
 class Recorder:
     """A snapshot callback that records steps and the state of the model it was handed."""
 
@@ -134,7 +140,8 @@ def test_low_memory_mode_matches_fast_mode_without_clipping(tmp_path):
         spec = make_run(tmp_path, (3,), memory_mode=mode, max_grad_norm=None).train
         session = trainer.start_session(spec, build_tiny_components(), synthetic_data(), "cpu")
         if mode == "low_memory":
-            assert len(session.updater.optimizers) == len(list(session.components.unet.parameters()))
+            updater = session.updater
+            assert len(updater.optimizers) + len(updater.small) == len(list(session.components.unet.parameters()))
         for _ in range(3):
             trainer.advance(session)
         results[mode] = weights(session.components.unet)
@@ -142,39 +149,50 @@ def test_low_memory_mode_matches_fast_mode_without_clipping(tmp_path):
         assert torch.allclose(value, results["low_memory"][name], atol=1e-6), name
 
 
-def test_low_memory_mode_never_holds_the_gradients(tmp_path):
-    spec = make_run(tmp_path, memory_mode="low_memory").train
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+@pytest.mark.parametrize("memory_mode", ["fast", "low_memory"])
+def test_low_memory_mode_never_holds_the_large_gradients(tmp_path, memory_mode):
+    spec = make_run(tmp_path, memory_mode=memory_mode).train
     session = trainer.start_session(spec, build_tiny_components(), synthetic_data(), "cpu")
-    seen = []
-    hook = session.components.unet.conv_out.register_full_backward_hook(
-        lambda *args: seen.append(sum(p.grad is not None for p in session.components.unet.parameters())))
+    unet = session.components.unet
+    large = [p for p in unet.parameters() if p.numel() >= trainer.HOOKED_MIN_ELEMENTS]
+    held = []  # large gradients alive each time a layer's backward finishes
+    hooks = [m.register_full_backward_hook(lambda *args: held.append(sum(p.grad is not None for p in large)))
+             for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     trainer.advance(session)
-    hook.remove()
-    total = len(list(session.components.unet.parameters()))
-    assert seen and seen[0] <= 2 < total  # when conv_out's backward ends, at most its own grads exist
-    assert all(p.grad is None for p in session.components.unet.parameters())
+    for hook in hooks:
+        hook.remove()
+    assert len(held) > 10 and len(large) > 10
+    if memory_mode == "low_memory":
+        assert max(held) == 0  # each was stepped and freed the moment it was complete
+    else:
+        assert max(held) > len(large) // 2  # fast mode holds them until the step
+    assert all(p.grad is None for p in unet.parameters())
 
 
-def test_per_parameter_clipping_in_low_memory_mode(tmp_path):
+def test_clip_each_bounds_every_gradient_on_its_own():
+    big, small = torch.full((3, 4), 10.0), torch.full((5,), 0.001)
+    expected_small = small.clone()
+    trainer.clip_each([big, small], max_norm=2.0)
+    assert torch.linalg.vector_norm(big).item() == pytest.approx(2.0, rel=1e-5)
+    assert torch.equal(small, expected_small)  # already under the bound: untouched
+
+
+def test_low_memory_mode_clips_every_parameter(tmp_path, monkeypatch):
     spec = make_run(tmp_path, memory_mode="low_memory", max_grad_norm=1e-3).train
     session = trainer.start_session(spec, build_tiny_components(), synthetic_data(), "cpu")
-    norms = []
-    original = torch.nn.utils.clip_grad_norm_
+    assert session.updater.small and session.updater.optimizers  # both kinds of parameters exist here
+    clipped = []
 
-    def spy(params, max_norm):
-        out = original(params, max_norm)
-        norms.append(torch.linalg.vector_norm(params[0].grad).item())
-        return out
+    def spy(grads, max_norm):
+        trainer.clip_each.__wrapped__(grads, max_norm)
+        clipped.extend(torch.linalg.vector_norm(g).item() for g in grads)
 
-    import harness.trainer as module
-
-    module.torch.nn.utils.clip_grad_norm_ = spy
-    try:
-        trainer.advance(session)
-    finally:
-        module.torch.nn.utils.clip_grad_norm_ = original
-    assert len(norms) == len(list(session.components.unet.parameters()))
-    assert max(norms) <= 1e-3 * 1.001
+    spy.__wrapped__ = trainer.clip_each
+    monkeypatch.setattr(trainer, "clip_each", spy)
+    trainer.advance(session)
+    assert len(clipped) == len(list(session.components.unet.parameters()))
+    assert max(clipped) <= 1e-3 * 1.001
 
 
 def test_learning_rate_schedule_drives_every_optimizer():
@@ -439,3 +457,4 @@ def test_images_of_the_wrong_size_are_refused_with_the_fix(tmp_path):
     paths = write_pngs(tmp_path, 1, size=48)
     with pytest.raises(ValueError, match="48x48 pixels but training runs at 32x32"):
         build_training_data(build_tiny_components(), paths, "a sks dog", 32, tmp_path / "cache", "cpu")
+
