@@ -14,8 +14,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from harness.config import SubjectSpec
+from harness.store import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +293,8 @@ def _prepare_into(out: Path, files: list[Path], resolution: int) -> list[str]:
     for index, path in enumerate(files):
         name = f"{index:02d}.png"
         image = center_crop_resize(_decode(path, resolution).image, resolution)
-        _atomic_write(out / name, lambda f, image=image: image.save(f, format="PNG"))
+        with atomic_path(out / name) as tmp:
+            image.save(tmp, format="PNG")
         names.append(name)
     return names
 
@@ -305,18 +305,5 @@ def _write_manifest(out: Path, digests: list[str], names: list[str], resolution:
         "resolution": resolution,
         "images": [{"file": name, "source_digest": digest} for name, digest in zip(names, digests, strict=True)],
     }
-    text = json.dumps(manifest, indent=2).encode("utf-8")
-    _atomic_write(out / "manifest.json", lambda f: f.write(text))
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
 
-
-def _atomic_write(path: Path, write) -> None:
-    """Writes through a temporary file in the same folder, so readers see the old file or the whole new one."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise

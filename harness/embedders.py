@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from harness.store import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -332,16 +333,9 @@ class EmbeddingCache:
 
     def put(self, tag: str, image_hash: str, vector: np.ndarray) -> None:
         path = self.path(tag, image_hash)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Written beside the target and renamed over it, so a run killed mid-write leaves no partial .npy.
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{image_hash[:8]}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.save(out, np.asarray(vector, dtype=np.float32), allow_pickle=False)
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as out:
+            np.save(out, np.asarray(vector, dtype=np.float32), allow_pickle=False)
 
 
 def embed_with_cache(embedder: Embedder, images_or_paths: Iterable[Image.Image | str | Path],
