@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ProtocolError, InstanceDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is kept; run the same command again to resume.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

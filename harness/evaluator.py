@@ -24,9 +24,15 @@ from harness.config import EvalSpec, SubjectSpec
 from harness.data import load_rgb
 from harness.embedders import ClipEmbedder, Embedder, EmbeddingCache, embed_with_cache
 from harness.metrics import ImageSet, MetricResult, clip_t_texts, score, score_real_images
-from harness.store import atomic_write_json, read_json
+from harness.store import atomic_write_json
 
 SCORES_SCHEMA = 1
+
+
+def record_name(spec: EvalSpec) -> str:
+    """File name of a scores record: other backbones or metrics give another file, never a stale one."""
+    identity = json.dumps([spec.backbones, list(spec.metrics), spec.bootstrap_samples, SCORES_SCHEMA])
+    return f"scores-{hashlib.sha256(identity.encode()).hexdigest()[:8]}.json"
 
 
 class Scorer:
@@ -43,10 +49,7 @@ class Scorer:
 
     @property
     def record_name(self) -> str:
-        """File name of a scores record: other backbones or metrics give another file, never a stale one."""
-        identity = json.dumps([self.clip.tag, self.dino.tag, list(self.spec.metrics), self.spec.bootstrap_samples,
-                               SCORES_SCHEMA])
-        return f"scores-{hashlib.sha256(identity.encode()).hexdigest()[:8]}.json"
+        return record_name(self.spec)
 
     def embed(self, embedder: Embedder, paths: Sequence[Path]) -> np.ndarray:
         return embed_with_cache(embedder, [load_rgb(Path(p)) for p in paths], self.cache)
@@ -151,6 +154,3 @@ def write_record(path: Path, record: dict[str, Any]) -> Path:
     atomic_write_json(path, record)
     return path
 
-
-def read_record(path: Path) -> dict[str, Any] | None:
-    return read_json(path) if path.is_file() else None

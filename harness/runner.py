@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -25,9 +26,9 @@ import torch
 from harness.caches import build_training_data
 from harness.class_images import ensure_pool, pool_for
 from harness.config import Protocol, SubjectSpec
-from harness.data import list_instance_files, prepare_instances
+from harness.data import folder_digest, list_instance_files, prepare_instances
 from harness.embedders import EmbeddingCache, make_embedders
-from harness.evaluator import Scorer, real_images_record, samples_record, write_record
+from harness.evaluator import Scorer, real_images_record, record_name, samples_record, write_record
 from harness.grid import RunSpec
 from harness.models import Components, load_components
 from harness.plan import Plan, make_plan
@@ -143,10 +144,8 @@ def prepare(plan: Plan, shared: Shared, runs: list[RunSpec]) -> None:
 
 
 def real_record_path(shared: Shared, subject: SubjectSpec) -> Path:
-    from harness.data import folder_digest
-
-    return shared.cache_dir / "references" / f"real-{folder_digest(subject.instance_dir)[:12]}" / \
-        shared.scorer.record_name
+    digest = folder_digest(subject.instance_dir)[:12]
+    return shared.cache_dir / "references" / f"real-{digest}" / record_name(shared.protocol.eval)
 
 
 def score_real_images(shared: Shared, subject: SubjectSpec) -> Path:
@@ -167,7 +166,7 @@ def base_samples_dir(shared: Shared, subject: SubjectSpec, resolution: int) -> P
 def score_base_model(shared: Shared, subject: SubjectSpec, resolution: int) -> Path:
     """Step 0: the untrained model on the same prompts and seeds as every snapshot, generated once."""
     folder = base_samples_dir(shared, subject, resolution)
-    path = folder / shared.scorer.record_name
+    path = folder / record_name(shared.protocol.eval)
     if path.is_file():
         return path
     settings = shared.settings(resolution)
@@ -203,7 +202,7 @@ def snapshot_dir(shared: Shared, folder: RunFolder, step: int) -> Path:
 
 
 def snapshot_record_path(shared: Shared, folder: RunFolder, step: int) -> Path:
-    return snapshot_dir(shared, folder, step) / shared.scorer.record_name
+    return snapshot_dir(shared, folder, step) / record_name(shared.protocol.eval)
 
 
 def score_snapshot(shared: Shared, folder: RunFolder, step: int, sampling_seconds: float) -> None:
@@ -297,7 +296,7 @@ def record_paths(shared: Shared, runs: list[RunSpec]) -> tuple[list[Path], list[
         scores += [p for s in run.snapshot_steps if (p := snapshot_record_path(shared, folder, s)).is_file()]
     for subject, resolution in {(r.subject, r.train.resolution) for r in runs}:
         scores += [p for p in (real_record_path(shared, subject),
-                               base_samples_dir(shared, subject, resolution) / shared.scorer.record_name)
+                               base_samples_dir(shared, subject, resolution) / record_name(shared.protocol.eval))
                    if p.is_file()]
     return folders, scores
 
@@ -327,22 +326,17 @@ def run_protocol(protocol: Protocol, only: tuple[str, ...] = (), report_only: bo
     runs = [r for r in plan.runs if not only or r.run_key in only]
     unknown = sorted(set(only) - {r.run_key for r in plan.runs})
     if unknown:
-        print(f"error: --only {', '.join(unknown)}: no such run key in this protocol; --dry-run lists them.")
+        print(f"error: --only {', '.join(unknown)}: no such run key in this protocol; --dry-run lists them.",
+              file=sys.stderr)
         return 2
     print(f"{protocol.name}: {len(runs)} run(s) on {shared.device}"
           + ("  [tiny random model: pipeline check only]" if protocol.model.is_tiny else ""))
     failed: list[tuple[RunSpec, str]] = []
-    if report_only:
-        shared.scorer = Scorer(make_embedders(protocol.eval.backbones, shared.device),
-                               EmbeddingCache(shared.cache_dir), protocol.eval)
-    else:
+    if not report_only:
         prepare(plan, shared, runs)
         for i, run in enumerate(runs, 1):
             try:
                 print(f"[{i}/{len(runs)}] {execute_run(shared, run)}", flush=True)
-            except KeyboardInterrupt:
-                print("\ninterrupted: finished work is kept; run the same command again to resume.")
-                raise
             except (TrainingOutOfMemoryError, Exception) as error:  # one failing run must not stop the others
                 log.debug("run %s failed", run.run_key, exc_info=True)
                 record_failure(shared, run, error)

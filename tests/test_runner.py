@@ -124,3 +124,26 @@ def test_dry_run_and_bad_protocol_exit_codes(tmp_path, capsys):
     bad.write_text((REPO / "protocols" / "smoke.yaml").read_text().replace("resolution: 32", "resolution: 30"))
     assert main([str(bad), "--dry-run"]) == 2
     assert "train.resolution: must be a positive multiple of 8" in capsys.readouterr().err
+
+
+def test_report_only_rebuilds_outputs_without_models_or_backbones(study, monkeypatch):
+    runs_csv = study / "results" / "smoke" / "runs.csv"
+    before = runs_csv.read_bytes()
+    runs_csv.unlink()
+    (study / "reports" / "smoke" / "report.md").unlink()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("--report-only must not load models or backbones")
+
+    monkeypatch.chdir(study)
+    monkeypatch.setattr(runner, "make_embedders", forbidden)
+    monkeypatch.setattr(runner, "load_components", forbidden)
+    assert main(["protocols/smoke.yaml", "--report-only"]) == 0
+    assert runs_csv.read_bytes() == before
+    assert (study / "reports" / "smoke" / "report.md").is_file()
+
+
+def test_unknown_only_key_is_an_error(study, monkeypatch, capsys):
+    monkeypatch.chdir(study)
+    assert main(["protocols/smoke.yaml", "--only", "000000000000"]) == 2
+    assert "no such run key" in capsys.readouterr().err
