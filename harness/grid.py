@@ -31,6 +31,7 @@ from harness.config import (
     TrainSpec,
 )
 from harness.data import folder_digest
+from harness.prompts import subject_prompts
 
 IDENTITY_VERSION = 1
 RUN_KEY_LENGTH = 12
@@ -176,23 +177,17 @@ class WorkEstimate:
         return self.class_images + self.eval_images + self.base_model_images
 
 
-def subject_prompt_count(protocol: Protocol, subject: SubjectSpec) -> int:
-    from harness.prompts import subject_prompts
-
-    return len(subject_prompts(subject, protocol.eval))
-
-
 def estimate_work(protocol: Protocol, runs: list[RunSpec], pools: dict[str, int]) -> WorkEstimate:
     """What running the protocol costs, before anything is done (pools: pool key -> images it must hold)."""
     seeds = len(protocol.eval.seeds)
-    per_snapshot = {s.name: (subject_prompt_count(protocol, s) + len(protocol.eval.class_prompts)) * seeds
+    per_snapshot = {s.name: (len(subject_prompts(s, protocol.eval)) + len(protocol.eval.class_prompts)) * seeds
                     for s in protocol.subjects}
-    subjects = {r.subject.name for r in runs}
+    base_model_sets = {(r.subject.name, r.train.resolution) for r in runs}  # generated once per subject and size
     return WorkEstimate(
         training_runs=len(runs),
         optimizer_steps=sum(r.train.steps for r in runs),
         snapshots=sum(len(r.snapshot_steps) for r in runs),
         class_images=sum(pools.values()),
         eval_images=sum(len(r.snapshot_steps) * per_snapshot[r.subject.name] for r in runs),
-        base_model_images=sum(per_snapshot[name] for name in subjects),
+        base_model_images=sum(per_snapshot[name] for name, _ in base_model_sets),
     )
