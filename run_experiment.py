@@ -43,7 +43,6 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_libraries()
     from harness.config import ProtocolError, load_protocol
     from harness.data import InstanceDataError
 
@@ -54,9 +53,16 @@ def main(argv: list[str] | None = None) -> int:
 
             print(format_plan(make_plan(protocol)))
             return 0
+        quiet_libraries()
+        from harness.embedders import BackboneUnavailableError
+        from harness.models import ModelUnavailableError
         from harness.runner import run_protocol
 
-        return run_protocol(protocol, only=tuple(args.only), report_only=args.report_only, device=args.device)
+        try:
+            return run_protocol(protocol, only=tuple(args.only), report_only=args.report_only, device=args.device)
+        except (ModelUnavailableError, BackboneUnavailableError) as e:
+            print(f"error: {e}", file=sys.stderr)  # the message names the ways out (network, local folder, tiny)
+            return 2
     except (ProtocolError, InstanceDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -147,3 +147,15 @@ def test_unknown_only_key_is_an_error(study, monkeypatch, capsys):
     monkeypatch.chdir(study)
     assert main(["protocols/smoke.yaml", "--only", "000000000000"]) == 2
     assert "no such run key" in capsys.readouterr().err
+
+
+def test_an_unreachable_model_fails_with_the_ways_out(tmp_path, monkeypatch, capsys):
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    (tmp_path / "protocols").mkdir()
+    text = (REPO / "protocols" / "smoke.yaml").read_text().replace("id: tiny ", "id: nobody/no-such-model ")
+    (tmp_path / "protocols" / "smoke.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert main(["protocols/smoke.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "nobody/no-such-model" in err and "tiny" in err
