@@ -15,6 +15,7 @@ Nothing here loads a model or decodes an image; the instance folder's bytes are 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import json
@@ -104,9 +105,11 @@ def _class_image_identity(spec: ClassImageSpec | None) -> dict[str, Any] | None:
 
 
 def run_key(identity: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of an identity (key order and float spelling do not matter)."""
+    """sha256 of the canonical JSON of an identity (key order and float spelling do not matter), in lowercase
+    base32: unlike hex, such a key practically never reads as a number in pandas (an all-digit hex key would)."""
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:RUN_KEY_LENGTH]
+    digest = hashlib.sha256(canonical.encode()).digest()
+    return base64.b32encode(digest).decode().lower()[:RUN_KEY_LENGTH]
 
 
 def grid_points(protocol: Protocol) -> list[tuple[SubjectSpec, dict[str, Any]]]:

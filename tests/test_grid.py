@@ -62,7 +62,7 @@ def test_golden_keys(write_protocol):
     assert [r.run_key for r in expand(protocol, FIXED)] == GOLDEN_KEYS
 
 
-GOLDEN_KEYS = ["538d3a4f2f0f", "faf010289b52", "78def411b6ed"]
+GOLDEN_KEYS = ["kogtutzpb6eq", "7lybake3klly", "pdppienw5w2j"]
 
 
 def _key(protocol, **train_changes) -> str:
