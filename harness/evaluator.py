@@ -114,19 +114,10 @@ def samples_record(
     """The scores.json record of a snapshot or of the base model."""
     started = time.perf_counter()
     results, table = score_samples(scorer, samples, real_paths, subject)
-    images = [
-        {"path": s["path"], "prompt": s["prompt"], "prompt_kind": s["prompt_kind"], "seed": int(s["seed"]),
-         "scores": {m: _scores_json(row[m]) for m in scorer.spec.metrics if _scores_json(row[m]) is not None}}
-        for s, row in zip(samples, table, strict=True)
-    ]
-    return {
-        **_header(kind, protocol, subject, run_key, step),
-        "metrics": {r.name: _metric_json(r) for r in results},
-        "backbones": scorer.backbones(),
-        "sampler": sampler,
-        "images": images,
-        "seconds": {**seconds, "scoring": time.perf_counter() - started},
-    }
+    images = [{"path": s["path"], "prompt": s["prompt"], "prompt_kind": s["prompt_kind"], "seed": int(s["seed"])}
+              for s in samples]
+    return _record(scorer, _header(kind, protocol, subject, run_key, step), results, images, table, sampler,
+                   {**seconds, "scoring": time.perf_counter() - started})
 
 
 def real_images_record(scorer: Scorer, real_paths: Sequence[Path], subject: SubjectSpec, protocol: str
@@ -135,18 +126,23 @@ def real_images_record(scorer: Scorer, real_paths: Sequence[Path], subject: Subj
     real_dino, real_clip = scorer.real_embeddings(real_paths)
     results, table = score_real_images(real_dino, real_clip, scorer.spec.metrics, scorer.spec.bootstrap_samples,
                                        seed=0, image_ids=[str(p) for p in real_paths])
-    images = [
-        {"path": str(p), "prompt": "", "prompt_kind": "real", "seed": None,
-         "scores": {m: _scores_json(row[m]) for m in scorer.spec.metrics if _scores_json(row[m]) is not None}}
-        for p, row in zip(real_paths, table, strict=True)
-    ]
+    images = [{"path": str(p), "prompt": "", "prompt_kind": "real", "seed": None} for p in real_paths]
+    return _record(scorer, _header("real_images", protocol, subject, None, None), results, images, table, None, {})
+
+
+def _record(scorer: Scorer, header: dict[str, Any], results: Sequence[MetricResult], images: list[dict[str, Any]],
+            table: Sequence[dict[str, Any]], sampler: dict[str, Any] | None, seconds: dict[str, float]
+            ) -> dict[str, Any]:
+    """A scores record: the header, the metrics, and each image with the per-image scores that apply to it."""
+    for image, row in zip(images, table, strict=True):
+        image["scores"] = {m: _scores_json(row[m]) for m in scorer.spec.metrics if _scores_json(row[m]) is not None}
     return {
-        **_header("real_images", protocol, subject, None, None),
+        **header,
         "metrics": {r.name: _metric_json(r) for r in results},
         "backbones": scorer.backbones(),
-        "sampler": None,
+        "sampler": sampler,
         "images": images,
-        "seconds": {},
+        "seconds": seconds,
     }
 
 
