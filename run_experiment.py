@@ -35,6 +35,7 @@ def quiet_libraries() -> None:
     logging.getLogger("harness").setLevel(logging.INFO)
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars for a few MB
     for name in ("huggingface_hub", "timm", "open_clip", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)

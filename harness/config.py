@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 TINY_MODEL = "tiny"
+TOYWORLD_MODEL = "toyworld"  # the pretrained toy text-to-image model shipped in harness/toyworld/weights
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Hub ids that tutorials still use but that no longer resolve, mapped to where the weights live now.
 MOVED_MODEL_IDS = {
@@ -37,7 +38,7 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The base text-to-image model: a hub id, a local diffusers folder, or `tiny` (random, offline)."""
+    """The base text-to-image model: a hub id, a local diffusers folder, `tiny` (random, offline) or `toyworld`."""
 
     id: str = DEFAULT_MODEL
     revision: str | None = None
@@ -48,8 +49,12 @@ class ModelSpec:
         return self.id == TINY_MODEL
 
     @property
+    def is_toyworld(self) -> bool:
+        return self.id == TOYWORLD_MODEL
+
+    @property
     def is_local(self) -> bool:
-        return not self.is_tiny and Path(self.id).is_dir()
+        return not self.is_tiny and not self.is_toyworld and Path(self.id).is_dir()
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,7 @@ DEFAULT_CLASS_EVAL_PROMPTS = (
 class EvalSpec:
     """How snapshots are sampled and scored."""
 
-    backbones: Literal["real", "tiny"] = "real"
+    backbones: Literal["real", "tiny", "toyworld"] = "real"
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     class_prompts: tuple[str, ...] = DEFAULT_CLASS_EVAL_PROMPTS
     sampler: Literal["dpmsolver++", "pndm", "ddim", "euler", "euler_a"] = "dpmsolver++"
@@ -573,6 +578,8 @@ def _build_model(raw: Any, base: Path, errs: _Collector, notes: list[str]) -> Mo
         notes.append(f"model.id {mid!r} was removed from the Hugging Face hub in 2024 (it gives a 404); using its "
                      f"copy {new!r} instead. Write that id in the protocol to silence this note.")
         mid = new
+    if mid == TOYWORLD_MODEL:
+        return replace(model, id=mid, revision=_toyworld_revision(model.revision, errs))
     if mid != TINY_MODEL:
         looks_local = mid.startswith((".", "/", "~")) or (base / mid).is_dir() or mid.count("/") != 1
         if looks_local:
@@ -580,12 +587,28 @@ def _build_model(raw: Any, base: Path, errs: _Collector, notes: list[str]) -> Mo
             if not folder.is_dir():
                 errs.add(("model", "id"), f"{mid!r} is neither a hub id (owner/name) nor an existing folder "
                                           f"(looked for {folder}). Give a hub id such as {DEFAULT_MODEL!r}, a "
-                                          f"diffusers folder, or 'tiny' for the offline test model.")
+                                          f"diffusers folder, 'toyworld' for the pretrained toy model, or 'tiny' "
+                                          "for the offline test model.")
             elif not (folder / "model_index.json").is_file():
                 errs.add(("model", "id"), f"the folder {folder} has no model_index.json, so it is not a diffusers "
                                           "pipeline; save one with pipeline.save_pretrained(folder).")
             mid = str(folder)
     return replace(model, id=mid)
+
+
+def _toyworld_revision(given: str | None, errs: _Collector) -> str | None:
+    """The shipped weights' digest: it joins every run's identity, so retrained weights never reuse old runs."""
+    from harness.toyworld.models import ToyWorldWeightsError, weights_revision
+
+    try:
+        revision = weights_revision()
+    except ToyWorldWeightsError as error:
+        errs.add(("model", "id"), str(error))
+        return given
+    if given is not None and given != revision:
+        errs.add(("model", "revision"), f"{given!r} does not match the shipped toy-world weights ({revision!r}); "
+                                        "remove model.revision (it is filled in from the weights' manifest).")
+    return revision
 
 
 def _build_subjects(raw: Any, base: Path, errs: _Collector) -> tuple[SubjectSpec, ...]:
@@ -713,6 +736,37 @@ def _check_combinations(protocol: Protocol, errs: _Collector) -> None:
     if protocol.train.memory_mode == "low_memory" and protocol.train.train_text_encoder:
         errs.add(("train", "memory_mode"), "low_memory does not support train_text_encoder: true; use "
                                            "memory_mode: fast or leave the text encoder frozen.")
+    if protocol.model.is_toyworld:
+        _check_toyworld(protocol, errs)
+
+
+def _check_toyworld(protocol: Protocol, errs: _Collector) -> None:
+    """The toy model draws 64x64 images and knows only its world's words: anything else is an error up front."""
+    from harness.toyworld.models import unknown_words
+    from harness.toyworld.world import IMAGE_SIZE, vocabulary
+
+    resolutions = dict(protocol.grid).get("resolution", (protocol.train.resolution,))
+    if any(r != IMAGE_SIZE for r in resolutions):
+        errs.add(("train", "resolution"), f"the toy-world model was trained at {IMAGE_SIZE}x{IMAGE_SIZE}; set "
+                                          f"train.resolution: {IMAGE_SIZE}.")
+    known = "Its words are: " + " ".join(vocabulary()) + "."
+
+    def check(at: tuple, template: str, subject: SubjectSpec) -> None:
+        unknown = unknown_words(subject.fill(template))
+        if unknown:
+            errs.add(at, f"{template!r} has words the toy world does not know: {', '.join(unknown)}. {known}")
+
+    for i, subject in enumerate(protocol.subjects):
+        check(("subjects", i, "instance_prompt"), subject.instance_prompt, subject)
+        check(("subjects", i, "class_prompt"), subject.class_prompt, subject)
+        if subject.eval_prompts is None:
+            errs.add(("subjects", i, "eval_prompts"), "is needed with model.id: toyworld: DreamBench's prompts name "
+                                                      "things the toy world has never seen. List prompts in its "
+                                                      "words, e.g. 'a {identifier} {class} on grass'.")
+        for j, template in enumerate(subject.eval_prompts or ()):
+            check(("subjects", i, "eval_prompts", j), template, subject)
+        for j, template in enumerate(protocol.eval.class_prompts):
+            check(("eval", "class_prompts", j), template, subject)
 
 
 def load_protocol(path: str | Path) -> Protocol:

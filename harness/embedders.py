@@ -280,15 +280,30 @@ def tiny_dino(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATC
     )
 
 
+def toyworld_clip(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH_SIZE) -> ClipEmbedder:
+    """The toy world's CLIP (harness/toyworld), pretrained on its renders and captions."""
+    from harness.toyworld.models import toy_clip
+
+    return toy_clip(device=device, batch_size=batch_size)
+
+
+def toyworld_dino(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH_SIZE) -> DinoEmbedder:
+    """The toy world's DINO-role encoder (harness/toyworld), pretrained to recognise objects across renders."""
+    from harness.toyworld.models import toy_dino
+
+    return toy_dino(device=device, batch_size=batch_size)
+
+
 EMBEDDER_SETS: dict[str, dict[str, Callable[..., Embedder]]] = {
     "real": {"clip": load_clip, "dino": load_dino},
     "tiny": {"clip": tiny_clip, "dino": tiny_dino},
+    "toyworld": {"clip": toyworld_clip, "dino": toyworld_dino},
 }
 
 
 def make_embedders(backbones: str, device: str | torch.device = "cpu",
                    batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Embedder]:
-    """The "clip" and "dino" embedders for `eval.backbones` ("real" or "tiny")."""
+    """The "clip" and "dino" embedders for `eval.backbones` ("real", "tiny" or "toyworld")."""
     if backbones not in EMBEDDER_SETS:
         raise ValueError(f"eval.backbones: unknown value {backbones!r}; use one of {', '.join(EMBEDDER_SETS)}.")
     return {name: build(device=device, batch_size=batch_size) for name, build in EMBEDDER_SETS[backbones].items()}

@@ -2,7 +2,8 @@
 
 `load_components(ModelSpec)` returns the UNet, VAE, text encoder, tokenizer and scheduler config of a model.
 `model.id: tiny` builds an SD-architecture model from configs with random weights (offline, seconds on a CPU);
-it makes every code path run and says nothing about image quality. Samplers and the inference pipeline are built
+it makes every code path run and says nothing about image quality. `model.id: toyworld` loads the small pretrained
+model of the toy world (harness/toyworld). Samplers and the inference pipeline are built
 here from the model's scheduler config, so every caller uses the same names ("pndm", "dpmsolver++", ...).
 
 What this module does not hold: training, sampling loops, caching of latents or embeddings, image files.
@@ -82,10 +83,15 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def load_components(model: ModelSpec, dtype: torch.dtype | None = None) -> Components:
-    """The model's components; `tiny` builds the offline test model. Raises ModelUnavailableError when unreachable.
+    """The model's components; `tiny` builds the offline test model, `toyworld` loads the shipped toy model.
 
-    The tiny model stays in float32 unless `dtype` is given: half precision on a CPU is slow or unsupported.
+    Raises ModelUnavailableError when a hub or folder model is unreachable. The tiny and toy models stay in float32
+    unless `dtype` is given: half precision on a CPU is slow or unsupported.
     """
+    if model.is_toyworld:
+        from harness.toyworld.models import load_toyworld_components
+
+        return load_toyworld_components(dtype)
     if model.is_tiny:
         tiny = build_tiny_components()
         if dtype is not None:

@@ -56,6 +56,8 @@ def format_plan(plan: Plan) -> str:
     model = p.model.id + (f"@{p.model.revision}" if p.model.revision else "")
     if p.model.is_tiny:
         model += "  (random weights: pipeline check only, no quality conclusions)"
+    elif p.model.is_toyworld:
+        model += "  (pretrained toy model: the numbers are about the toy world)"
     lines = [f"Protocol {p.name!r}  ({p.path})", f"model: {model}"]
     for s in p.subjects:
         n = len(list_instance_files(s.instance_dir))

@@ -909,6 +909,11 @@ def _preferred_prompts(protocol: Protocol | None, subject: str, kind: str) -> tu
     return subject_prompts(spec, protocol.eval) if kind == "subject" else class_prompts(spec, protocol.eval)
 
 
+def _sentence(text: str) -> str:
+    """The text with its first letter in upper case; unlike str.capitalize, names such as CLIP keep their case."""
+    return text[:1].upper() + text[1:]
+
+
 def render_report(tables: ResultTables, out_dir: Path, protocol: Protocol | None = None) -> str:
     """Writes the figures under out_dir/figures and returns the markdown that links them."""
     figures = out_dir / FIGURES_DIR
@@ -917,9 +922,11 @@ def render_report(tables: ResultTables, out_dir: Path, protocol: Protocol | None
     subjects = list(dict.fromkeys(tables.runs["subject"]))
     lines = [f"# Report: {meta.get('protocol')}", ""]
     if tables.pipeline_check_only:
-        lines += [f"> **{BANNER}.** {str(meta.get('pipeline_check_reason') or '').capitalize()}: the numbers and "
+        lines += [f"> **{BANNER}.** {_sentence(str(meta.get('pipeline_check_reason') or ''))}: the numbers and "
                   "images below only show that every stage of the pipeline runs; they say nothing about DreamBooth "
                   "or about these settings.", ""]
+    if meta.get("scope_note"):
+        lines += [f"> **Scope.** {_sentence(str(meta['scope_note']))}.", ""]
     if meta.get("description"):
         lines += [meta["description"], ""]
     lines += ["## Verdict", ""]

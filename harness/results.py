@@ -650,6 +650,15 @@ def pipeline_check_reason(protocol: Protocol, records: Records) -> str | None:
     return " and ".join(reasons) if reasons else None
 
 
+def scope_note(protocol: Protocol) -> str | None:
+    """What the numbers are about when the model or the backbones are the toy world's, or None."""
+    if not (protocol.model.is_toyworld or protocol.eval.backbones == "toyworld"):
+        return None
+    return ("toy world: the base model and the metric backbones are small models pretrained on the toy world's "
+            "renders (harness/toyworld), so the numbers measure what happens in that world; they are not "
+            "comparable with numbers measured on photographs with Stable Diffusion, CLIP and DINO")
+
+
 def results_metadata(protocol: Protocol, runs: Iterable[RunSpec], records: Records,
                      timings: Mapping[str, float] | None = None) -> dict[str, Any]:
     """What the CSVs do not repeat on every row: backbones, metric scales and directions, versions, timings."""
@@ -680,6 +689,7 @@ def results_metadata(protocol: Protocol, runs: Iterable[RunSpec], records: Recor
         "model": {"id": protocol.model.id, "revision": protocol.model.revision, "dtype": protocol.model.dtype},
         "pipeline_check_only": reason is not None,
         "pipeline_check_reason": reason,
+        "scope_note": scope_note(protocol),
         "subjects": [{"name": s.name, "class_noun": s.class_noun, "identifier": s.identifier,
                       "instance_dir": str(s.instance_dir)} for s in protocol.subjects
                      if s.name in _protocol_subjects(protocol)],
