@@ -679,29 +679,45 @@ def _onset(points: list[pd.Series]) -> str:
             "within the steps sampled; longer training may still help.")
 
 
+# Axes that a run without prior preservation ignores, so they never separate it from a run with one.
+_PRIOR_ONLY_AXES = frozenset({"prior_loss_weight", "num_class_images", "step"})
+
+
 def _prior_effect(tables: ResultTables, subject: str) -> list[str]:
+    """One sentence per configuration without prior, against the best-PRES run with prior that differs from it only
+    in the prior's own settings (weight, class images), at the last step."""
     rows = _ok_rows(tables, subject)
     if "prior_loss_weight" not in tables.varied or rows.empty:
         return []
     step = int(rows["step"].max())
     at = [r for _, r in rows[rows["step"] == step].iterrows() if estimate(r, "pres").known]
-    without = [r for r in at if not _uses_prior(r)]
-    with_prior = [r for r in at if _uses_prior(r)]
-    if not without or not with_prior:
-        return []
-    off = without[0]
-    on = min(with_prior, key=lambda r: estimate(r, "pres").mean)
+    others = [k for k in tables.varied if k not in _PRIOR_ONLY_AXES]
+
+    def rest(row: pd.Series) -> tuple:
+        return tuple(field_value(row, k) for k in others)
+
+    sentences = []
+    for off in (r for r in at if not _uses_prior(r)):
+        matches = [r for r in at if _uses_prior(r) and rest(r) == rest(off)]
+        if matches:
+            on = min(matches, key=lambda r: estimate(r, "pres").mean)
+            sentences.append(_prior_sentence(tables, step, off, on, name_off=bool(others)))
+    return sentences
+
+
+def _prior_sentence(tables: ResultTables, step: int, off: pd.Series, on: pd.Series, name_off: bool) -> str:
     p_off, p_on = estimate(off, "pres"), estimate(on, "pres")
     d_off, d_on = estimate(off, "dino"), estimate(on, "dino")
     change = "lowers" if p_on.mean < p_off.mean else "does not lower"
+    source = f" ({config_label(off, tables.varied, step=False)})" if name_off else ""
     sentence = (f"At step {step}, prior preservation ({config_label(on, tables.varied, step=False)}) {change} "
-                f"PRES from {p_off.text()} to {p_on.text()}")
+                f"PRES from {p_off.text()}{source} to {p_on.text()}")
     sentence += "; the intervals overlap, so the grid does not show a difference." if p_on.overlaps(p_off) else \
         " (intervals apart)."
     if d_on.known and d_off.known:
         cost = "within intervals" if d_on.overlaps(d_off) else "beyond the intervals"
         sentence += f" DINO moves from {d_off.text()} to {d_on.text()} ({cost})."
-    return [sentence]
+    return sentence
 
 
 def verdict(tables: ResultTables, subject: str) -> list[str]:

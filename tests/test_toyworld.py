@@ -315,7 +315,8 @@ def toy_study(tmp_path_factory):
     data["class_images"]["steps"] = 4
     data["eval"].update(seeds=[0, 1], class_prompts=data["eval"]["class_prompts"][:2], steps=4,
                         bootstrap_samples=100)
-    data["grid"] = {"prior_loss_weight": [0.0, 1.0], "steps": [2, 4], "num_class_images": [4]}
+    data["grid"] = {"prior_loss_weight": [0.0, 1.0], "train_text_encoder": [False, True], "steps": [2, 4],
+                    "num_class_images": [4]}
     (root / "toy_ci.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -325,7 +326,7 @@ def toy_study(tmp_path_factory):
 
 def test_the_toy_study_runs_end_to_end_with_toy_backbones(toy_study):
     runs = pd.read_csv(toy_study / "results" / "toy_ci" / "runs.csv")
-    assert len(runs) == 4 and set(runs["status"]) == {"ok"}
+    assert len(runs) == 8 and set(runs["status"]) == {"ok"}
     for metric in ("dino", "clip_i", "clip_t", "pres", "div_class"):
         assert runs[metric].between(-1, 2).all(), metric
     assert runs["dino_backbone"].str.startswith("toyworld:dino@").all()
@@ -338,3 +339,14 @@ def test_the_toy_study_runs_end_to_end_with_toy_backbones(toy_study):
     assert set(images["prompt_kind"]) == {"subject", "class", "real"}
     generated = images[images["prompt_kind"] != "real"]
     assert all(re.search(r"sks box|a box", p) for p in generated["prompt"])
+
+
+def test_the_verdict_pairs_prior_runs_with_the_run_that_differs_only_in_the_prior(toy_study):
+    report = (toy_study / "reports" / "toy_ci" / "report.md").read_text()
+    verdict = report.split("## Verdict")[1].split("## Setup")[0]
+    sentences = [line for line in verdict.splitlines() if "prior preservation (" in line]
+    assert len(sentences) == 2
+    for encoder in ("False", "True"):
+        label = f"train_text_encoder={encoder}"
+        pair = next(s for s in sentences if f"(w=1, {label}, n=4)" in s)
+        assert f"(w=0, {label})" in pair
