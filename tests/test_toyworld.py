@@ -61,12 +61,14 @@ def test_render_draws_the_colour_and_the_setting():
     assert grass[:6, :6].mean(axis=(0, 1)).argmax() == 1  # green dominates
 
 
-def test_shipped_subject_images_are_exactly_what_the_renderer_draws():
+def test_shipped_subject_images_are_what_the_renderer_draws():
     files = sorted(DEFAULT_FOLDER.glob("*.png"))
     assert [f.name for f in files] == [view_name(i, s) for i, s in enumerate(SUBJECT_VIEWS)]
     for path, scene in zip(files, SUBJECT_VIEWS, strict=True):
         assert scene.look == SUBJECT.look
-        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), render_array(scene)), path.name
+        shipped = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        # One level of tolerance: CPUs' vectorised sine can differ in the last bit and flip a rounding.
+        assert np.abs(shipped - render_array(scene).astype(int)).max() <= 1, path.name
 
 
 def test_full_captions_name_every_said_attribute():

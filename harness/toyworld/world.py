@@ -2,8 +2,9 @@
 
 A scene is one object (ball, box, cone or ring) with a body colour, a pattern (plain, striped, dotted) in a
 pattern colour, a size and a position, on a background setting (sand, grass, snow, a brick wall). `render(scene)`
-draws it at 64x64 from the scene alone: the same scene gives the same pixels on every machine (numpy's PCG64
-generator, integer-exact supersampling, no Pillow resampling). Captions name a random subset of the attributes
+draws it at 64x64 from the scene alone: the same scene gives the same pixels (numpy's PCG64 generator, plain
+supersampling, no Pillow resampling; CPUs whose vectorised sine differs in the last bit can flip a rounding by one
+level). Captions name a random subset of the attributes
 ("a big red striped box on sand"), so short prompts such as "a box" are in the language of the world.
 
 Two distributions are drawn from:
