@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from harness.models import Components, encode_prompts
-from harness.store import atomic_path
+from harness.store import atomic_path, file_digest
 
 CACHE_VERSION = 1
 ENCODE_BATCH = 8
@@ -64,10 +64,6 @@ class TrainingData:
 
 # --------------------------------------------------------------------------------------------------------------
 # Keys
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def latent_key(image_digest: str, components: Components, resolution: int) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from harness.config import SubjectSpec
-from harness.store import atomic_path, atomic_write_text
+from harness.store import atomic_path, atomic_write_text, file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +67,6 @@ def list_instance_files(folder: Path) -> list[Path]:
 def _ignored_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir()
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_EXTENSIONS)
-
-
-def file_digest(path: Path) -> str:
-    """sha256 hex of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_digest(folder: Path) -> str:

@@ -13,6 +13,7 @@ Nothing here knows what a stage computes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -35,6 +36,15 @@ class StoreError(RuntimeError):
 
 class RunBusyError(StoreError):
     pass
+
+
+def file_digest(path: Path) -> str:
+    """sha256 hex of a file's bytes, read in blocks: the key of cached work and the checksum of shipped files."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

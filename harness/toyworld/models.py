@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from harness.store import file_digest
 from harness.toyworld.world import IMAGE_SIZE, vocabulary
 
 if TYPE_CHECKING:
@@ -130,10 +131,15 @@ def tokenize(texts: Sequence[str]) -> torch.Tensor:
     ids = _token_ids()
     rows = np.full((len(texts), MAX_TOKENS), ids[PAD], dtype=np.int64)
     for row, text in enumerate(texts):
-        words = [ids.get(w, ids[UNK]) for w in re.findall(r"\w+|[^\w\s]+", text.lower())][: MAX_TOKENS - 2]
+        words = [ids.get(w, ids[UNK]) for w in _words(text)][: MAX_TOKENS - 2]
         tokens = [ids[BOS], *words, ids[EOS]]
         rows[row, : len(tokens)] = tokens
     return torch.from_numpy(rows)
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words and punctuation runs, split as the tokenizer's Whitespace pre-tokenizer splits them."""
+    return re.findall(r"\w+|[^\w\s]+", text.lower())
 
 
 @functools.lru_cache(maxsize=1)
@@ -144,7 +150,7 @@ def _token_ids() -> dict[str, int]:
 def unknown_words(text: str) -> list[str]:
     """Words of `text` that the world's vocabulary does not have."""
     known = set(vocabulary())
-    return [word for word in text.lower().split() if word not in known]
+    return [word for word in _words(text) if word not in known]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -212,14 +218,6 @@ def backbone_transform():
 # Shipped weights
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_manifest(folder: Path = WEIGHTS_DIR) -> dict[str, Any]:
     path = folder / MANIFEST
     if not path.is_file():
@@ -244,7 +242,7 @@ def verify_weights(folder: Path = WEIGHTS_DIR) -> str:
         path = folder / name
         if not path.is_file():
             problems.append(f"{path} is missing")
-        elif (actual := file_sha256(path)) != expected:
+        elif (actual := file_digest(path)) != expected:
             problems.append(f"{path} has sha256 {actual[:16]}..., the manifest says {expected[:16]}...")
     if manifest.get("vocabulary") != token_list():
         problems.append("the vocabulary in the manifest differs from harness/toyworld/world.py's")

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness.store import file_digest
 from harness.toyworld import models as tm
 from harness.toyworld.world import Scene, render_array, restage, sample_caption, sample_scene
 
@@ -357,7 +358,7 @@ def write_manifest(out: Path, config: PretrainConfig, stage_records: dict[str, A
 
     stages = {**previous.get("stages", {}), **stage_records}
     manifest = {
-        "files": {p.relative_to(out).as_posix(): tm.file_sha256(p) for p in weight_files(out)},
+        "files": {p.relative_to(out).as_posix(): file_digest(p) for p in weight_files(out)},
         "vocabulary": tm.token_list(),
         "reproduce": tm.REGENERATE,
         "config": asdict(replace(config, workers=0)),
