@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from harness.backbones import BackboneSet, BackboneUnavailableError
 from harness.store import atomic_path
 
 if TYPE_CHECKING:
@@ -45,10 +46,6 @@ METRIC_SCALE = "raw cosine in [-1, 1]"
 TINY_SOURCE = "random (tiny, pipeline check only)"
 PREPROCESS_THREADS = min(8, os.cpu_count() or 1)
 DEFAULT_BATCH_SIZE = 32
-
-
-class BackboneUnavailableError(RuntimeError):
-    """The weights of a real evaluation backbone could not be loaded (usually: no network and no cached copy)."""
 
 
 def _offline_message(backbone: str, library: str, cause: BaseException) -> str:
@@ -199,7 +196,7 @@ class DinoEmbedder(Embedder):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Builders
+# Builders and the sets they form (registered in harness/backbones.py)
 
 
 def load_clip(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH_SIZE) -> ClipEmbedder:
@@ -280,33 +277,22 @@ def tiny_dino(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATC
     )
 
 
-def toyworld_clip(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH_SIZE) -> ClipEmbedder:
-    """The toy world's CLIP (harness/toyworld), pretrained on its renders and captions."""
-    from harness.toyworld.models import toy_clip
+REAL_BACKBONES = BackboneSet({"clip": load_clip, "dino": load_dino},
+                             description=f"open_clip {CLIP_MODEL}/{CLIP_PRETRAINED} and timm {DINO_MODEL}")
+TINY_BACKBONES = BackboneSet({"clip": tiny_clip, "dino": tiny_dino}, random_weights=True,
+                             description="tiny random CLIP and DINO (pipeline check only)")
 
-    return toy_clip(device=device, batch_size=batch_size)
-
-
-def toyworld_dino(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH_SIZE) -> DinoEmbedder:
-    """The toy world's DINO-role encoder (harness/toyworld), pretrained to recognise objects across renders."""
-    from harness.toyworld.models import toy_dino
-
-    return toy_dino(device=device, batch_size=batch_size)
+DEFAULT_ROLES = ("clip", "dino")
 
 
-EMBEDDER_SETS: dict[str, dict[str, Callable[..., Embedder]]] = {
-    "real": {"clip": load_clip, "dino": load_dino},
-    "tiny": {"clip": tiny_clip, "dino": tiny_dino},
-    "toyworld": {"clip": toyworld_clip, "dino": toyworld_dino},
-}
+def make_embedders(backbones: str, device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH_SIZE,
+                   roles: Iterable[str] = DEFAULT_ROLES) -> dict[str, Embedder]:
+    """The embedders of `roles` from the backbone set `eval.backbones` names ("real", "tiny", "toyworld", ...)."""
+    from harness.backbones import BACKBONES
 
-
-def make_embedders(backbones: str, device: str | torch.device = "cpu",
-                   batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Embedder]:
-    """The "clip" and "dino" embedders for `eval.backbones` ("real", "tiny" or "toyworld")."""
-    if backbones not in EMBEDDER_SETS:
-        raise ValueError(f"eval.backbones: unknown value {backbones!r}; use one of {', '.join(EMBEDDER_SETS)}.")
-    return {name: build(device=device, batch_size=batch_size) for name, build in EMBEDDER_SETS[backbones].items()}
+    if backbones not in BACKBONES:
+        raise ValueError(f"eval.backbones: unknown value {backbones!r}; use one of {', '.join(BACKBONES)}.")
+    return BACKBONES.get(backbones).load(roles, device=device, batch_size=batch_size)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,11 @@ it is sampled (its snapshots). Three rules make a study cheap without changing i
 - with prior_loss_weight 0 no class image is used, so the class-image axis collapses to one run.
 
 The run key is the sha256 of the run's identity: every field that changes the trained weights and nothing else
-(not output folders, not the subject's display name, not evaluation settings).
+(not output folders, not the subject's display name, not evaluation settings). A field added after identity
+version 1 joins the identity only away from its default, so adding a field never changes an existing key.
+Each point of the grid trains one method with its settings (`method` is an axis like any other; a method's
+settings vary as `rank: [...]` or `lora.rank: [...]`); a method's preferred training defaults (its learning rate)
+apply to the fields the protocol left unset.
 Nothing here loads a model or decodes an image; the instance folder's bytes are hashed (data.folder_digest).
 """
 
@@ -22,20 +26,21 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from harness.config import (
-    GRID_SUBJECT_KEY,
-    TRAIN_FIELDS_NOT_IN_IDENTITY,
-    ClassImageSpec,
-    ModelSpec,
-    Protocol,
-    SubjectSpec,
-    TrainSpec,
-)
+from harness.config import GRID_SUBJECT_KEY, ClassImageSpec, ModelSpec, Protocol, SubjectSpec, TrainSpec
+from harness.config.fields import field_names, in_identity
 from harness.data import folder_digest
+from harness.methods import METHODS, settings_identity
 from harness.prompts import subject_prompts
 
 IDENTITY_VERSION = 1
 RUN_KEY_LENGTH = 12
+# The training fields of identity version 1: always in the identity (today's keys hold them, defaults included).
+IDENTITY_V1_FIELDS = frozenset({
+    "method", "steps", "learning_rate", "lr_schedule", "lr_warmup_steps", "batch_size", "resolution", "seed",
+    "prior_loss_weight", "num_class_images", "mixed_precision", "gradient_checkpointing", "optimizer", "adam_beta1",
+    "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "train_text_encoder", "memory_mode",
+    "snr_gamma", "offset_noise", "checkpoint_every", "save",
+})
 
 
 @dataclass(frozen=True)
@@ -46,13 +51,15 @@ class RunSpec:
     subject: SubjectSpec
     model: ModelSpec
     train: TrainSpec  # train.steps is the last snapshot
+    method: Any  # the settings of train.method (its settings dataclass)
     class_images: ClassImageSpec | None  # None when prior preservation is off
     snapshot_steps: tuple[int, ...]
     instance_digest: str
     varied: tuple[tuple[str, Any], ...]  # the grid fields of this run (for tables), in grid order
 
     def identity(self) -> dict[str, Any]:
-        return run_identity(self.subject, self.model, self.train, self.class_images, self.instance_digest)
+        return run_identity(self.subject, self.model, self.train, self.method, self.class_images,
+                            self.instance_digest)
 
     def to_json(self) -> dict[str, Any]:
         """Everything about the run, for spec.json: its identity plus what is only descriptive."""
@@ -63,6 +70,7 @@ class RunSpec:
             "snapshot_steps": list(self.snapshot_steps),
             "varied": dict(self.varied),
             "train": _jsonable(asdict(self.train)),
+            "method_settings": _jsonable(asdict(self.method)),
         }
 
 
@@ -74,17 +82,21 @@ def run_identity(
     subject: SubjectSpec,
     model: ModelSpec,
     train: TrainSpec,
+    method: Any,
     class_images: ClassImageSpec | None,
     instance_digest: str,
 ) -> dict[str, Any]:
     """The fields that determine the trained weights, in canonical form."""
-    left_out = set(TRAIN_FIELDS_NOT_IN_IDENTITY)
+    left_out = {name for name in field_names(TrainSpec) if not in_identity(TrainSpec, name)}
     if train.snapshots_share_a_run:
         left_out.add("steps")  # the trajectory is the same whatever its length; steps are snapshots
     if not train.uses_prior:
         left_out.add("num_class_images")
-    training = {f.name: getattr(train, f.name) for f in fields(train) if f.name not in left_out}
-    return {
+    training = {f.name: getattr(train, f.name) for f in fields(train)
+                if f.name not in left_out and (f.name in IDENTITY_V1_FIELDS or getattr(train, f.name) != f.default)}
+    legacy, other = settings_identity(METHODS.get(train.method), method)
+    training.update(legacy)
+    identity = {
         "version": IDENTITY_VERSION,
         "model": {"id": model.id, "revision": model.revision, "dtype": model.dtype},
         "subject": {
@@ -95,6 +107,9 @@ def run_identity(
         "train": training,
         "class_images": _class_image_identity(class_images),
     }
+    if other:
+        identity["method_settings"] = other
+    return identity
 
 
 def _class_image_identity(spec: ClassImageSpec | None) -> dict[str, Any] | None:
@@ -132,38 +147,64 @@ def canonical_train(train: TrainSpec) -> TrainSpec:
     return train
 
 
+def point_settings(protocol: Protocol, values: dict[str, Any]) -> tuple[TrainSpec, Any]:
+    """The training settings and the method settings of one grid point."""
+    method = values.get("method", protocol.train.method)
+    train_fields = set(field_names(TrainSpec))
+    unset = {k: TrainSpec.__dataclass_fields__[k].default for k in protocol.train_unset if k not in values}
+    method_defaults = {k: v for k, v in METHODS.get(method).train_defaults.items() if k in unset}
+    train = replace(protocol.train, **{**unset, **method_defaults},
+                    **{k: v for k, v in values.items() if k in train_fields})
+    settings = protocol.method_settings(method)
+    own = set(field_names(type(settings)))
+    overrides = {}
+    for key, value in values.items():
+        target, _, name = key.rpartition(".")
+        if name in own and target in ("", method) and key not in train_fields:
+            overrides[name] = value
+    return canonical_train(train), replace(settings, **overrides)
+
+
 def expand(protocol: Protocol, digests: dict[str, str] | None = None) -> list[RunSpec]:
     """The protocol's runs: one per distinct identity, with the steps of the grid as its snapshots."""
     digests = dict(digests or {})
-    varied_keys = [k for k, _ in protocol.grid]
+    varied_keys = list(dict.fromkeys(column_name(k) for k, _ in protocol.grid))
     groups: dict[str, dict[str, Any]] = {}
     for subject, values in grid_points(protocol):
         if subject.name not in digests:
             digests[subject.name] = folder_digest(subject.instance_dir)
-        train = canonical_train(replace(protocol.train, **values))
+        train, settings = point_settings(protocol, values)
         class_images = protocol.class_images if train.uses_prior else None
-        identity = run_identity(subject, protocol.model, train, class_images, digests[subject.name])
+        identity = run_identity(subject, protocol.model, train, settings, class_images, digests[subject.name])
         key = run_key(identity)
-        group = groups.setdefault(key, {"subject": subject, "train": train, "class_images": class_images,
-                                        "steps": set(), "digest": digests[subject.name]})
+        group = groups.setdefault(key, {"subject": subject, "train": train, "method": settings,
+                                        "class_images": class_images, "steps": set(), "digest": digests[subject.name]})
         group["steps"].add(train.steps)
         if train.steps > group["train"].steps:
             group["train"] = train
     runs = []
     for key, g in groups.items():
         train: TrainSpec = g["train"]
-        varied = tuple((k, _display_value(k, g["subject"], train)) for k in varied_keys if k != "steps")
+        varied = tuple((k, _display_value(k, g["subject"], train, g["method"])) for k in varied_keys if k != "steps")
         runs.append(RunSpec(
-            run_key=key, subject=g["subject"], model=protocol.model, train=train, class_images=g["class_images"],
-            snapshot_steps=tuple(sorted(g["steps"])), instance_digest=g["digest"], varied=varied,
+            run_key=key, subject=g["subject"], model=protocol.model, train=train, method=g["method"],
+            class_images=g["class_images"], snapshot_steps=tuple(sorted(g["steps"])), instance_digest=g["digest"],
+            varied=varied,
         ))
     return runs
 
 
-def _display_value(key: str, subject: SubjectSpec, train: TrainSpec) -> Any:
+def column_name(grid_key: str) -> str:
+    """The column (and report label) of a grid key: a method setting without its method ('lora.rank' -> 'rank')."""
+    return grid_key.rpartition(".")[2]
+
+
+def _display_value(key: str, subject: SubjectSpec, train: TrainSpec, settings: Any) -> Any:
     if key == GRID_SUBJECT_KEY:
         return subject.name
-    return getattr(train, key)
+    if hasattr(train, key):
+        return getattr(train, key)
+    return getattr(settings, key, None)  # a setting of another method: not applicable to this run
 
 
 @dataclass(frozen=True)

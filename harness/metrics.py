@@ -19,8 +19,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from harness.registry import Registry
+
 Kind = Literal["subject", "class"]
-Backbone = Literal["dino", "clip"]
 KINDS: tuple[str, ...] = ("subject", "class")
 NORM_TOLERANCE = 1e-3
 DEFAULT_BOOTSTRAP_SAMPLES = 1000
@@ -131,30 +132,62 @@ class PerImageScores:
     note: str = ""
 
 
+# What a metric can read, and the backbone role that computes it (see embedders.BACKBONES).
+FEATURE_ROLES: dict[str, str] = {"dino": "dino", "clip_image": "clip", "clip_text": "clip", "lpips": "lpips"}
+
+
 @dataclass(frozen=True)
 class Metric:
+    """A registered metric: its per-image score function and every fact the results and the report show."""
+
     name: str
     fn: Callable[[ImageSet], PerImageScores]
     higher_is_better: bool
-    backbone: Backbone
+    backbone: str  # the backbone role whose features it reads ("dino", "clip", ...)
     description: str
-    needs: tuple[str, ...]  # ImageSet fields and image kinds the metric reads
+    label: str  # as the report names it ("CLIP-T")
+    scale: str  # what the number is ("raw cosine", "LPIPS distance")
+    features: tuple[str, ...]  # keys of FEATURE_ROLES the metric reads; the scorer computes only these
+    real_images: str | None = None  # feature scored leave-one-out for the "Real Images" row; None: not defined
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(FEATURE_ROLES[f] for f in self.features))
 
 
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric")
 
 
-def register(name: str, *, higher_is_better: bool, backbone: Backbone, description: str,
-             needs: tuple[str, ...]) -> Callable[[Callable[[ImageSet], PerImageScores]], Callable]:
+def register(name: str, *, higher_is_better: bool, backbone: str, description: str, label: str, scale: str,
+             features: tuple[str, ...], real_images: str | None = None,
+             ) -> Callable[[Callable[[ImageSet], PerImageScores]], Callable]:
     """Adds the decorated per-image score function to METRICS under `name`."""
+    unknown = [f for f in features if f not in FEATURE_ROLES]
+    if unknown:
+        raise ValueError(f"metric {name!r}: unknown feature(s) {unknown}; known features: {', '.join(FEATURE_ROLES)}.")
 
     def add(fn: Callable[[ImageSet], PerImageScores]) -> Callable[[ImageSet], PerImageScores]:
-        if name in METRICS:
-            raise ValueError(f"metric {name!r} is registered twice.")
-        METRICS[name] = Metric(name, fn, higher_is_better, backbone, description, needs)
+        METRICS.register(name, Metric(name, fn, higher_is_better, backbone, description, label, scale, features,
+                                      real_images))
         return fn
 
     return add
+
+
+def metric_names() -> list[str]:
+    """Every registered metric, in registration order: the metric columns of the CSVs."""
+    return METRICS.names()
+
+
+def roles_for(metric_names: Sequence[str]) -> tuple[str, ...]:
+    """The backbone roles whose features the named metrics read, clip and dino first."""
+    roles = {r for name in metric_names if name in METRICS for r in METRICS.get(name).roles}
+    return tuple(sorted(roles, key=lambda r: (r not in ("clip", "dino"), r)))
+
+
+def features_for(metric_names: Sequence[str]) -> frozenset[str]:
+    """The features (keys of FEATURE_ROLES) the named metrics read."""
+    return frozenset(f for name in metric_names if name in METRICS for f in METRICS.get(name).features)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -217,19 +250,21 @@ def _one_minus_dino_cosine(images: ImageSet) -> np.ndarray:
     return 1.0 - dino @ dino.T
 
 
-@register("dino", higher_is_better=True, backbone="dino", needs=("dino", "real_dino", "subject"),
-          description="mean DINO cosine between subject-prompt images and the real subject images")
+@register("dino", higher_is_better=True, backbone="dino", features=("dino",), label="DINO", scale="raw cosine",
+          real_images="dino", description="mean DINO cosine between subject-prompt images and the real subject images")
 def dino_similarity(images: ImageSet) -> PerImageScores:
     return _mean_similarity_to_real(images, "subject", images.dino, images.real_dino, "dino")
 
 
-@register("clip_i", higher_is_better=True, backbone="clip", needs=("clip", "real_clip", "subject"),
+@register("clip_i", higher_is_better=True, backbone="clip", features=("clip_image",), label="CLIP-I",
+          scale="raw cosine", real_images="clip_image",
           description="mean CLIP image cosine between subject-prompt images and the real subject images")
 def clip_image_similarity(images: ImageSet) -> PerImageScores:
     return _mean_similarity_to_real(images, "subject", images.clip, images.real_clip, "clip")
 
 
-@register("clip_t", higher_is_better=True, backbone="clip", needs=("clip", "text_clip", "subject"),
+@register("clip_t", higher_is_better=True, backbone="clip", features=("clip_image", "clip_text"), label="CLIP-T",
+          scale="raw cosine (not x100, not x2.5)",
           description="CLIP cosine between each subject-prompt image and its prompt without the identifier")
 def clip_text_similarity(images: ImageSet) -> PerImageScores:
     clip = _require(images.clip, "CLIP embeddings of the generated images")
@@ -248,35 +283,34 @@ def clip_text_similarity(images: ImageSet) -> PerImageScores:
     return PerImageScores(scores, _prompt_seed_groups(images))
 
 
-@register("pres", higher_is_better=False, backbone="dino", needs=("dino", "real_dino", "class"),
+@register("pres", higher_is_better=False, backbone="dino", features=("dino",), label="PRES", scale="raw cosine",
           description="mean DINO cosine between class-prompt images and the real subject images (language drift)")
 def prior_preservation(images: ImageSet) -> PerImageScores:
     return _mean_similarity_to_real(images, "class", images.dino, images.real_dino, "dino")
 
 
-@register("div_subject", higher_is_better=True, backbone="dino", needs=("dino", "subject"),
+@register("div_subject", higher_is_better=True, backbone="dino", features=("dino",),
+          label="DIV (subject prompts)", scale="1 - raw cosine",
           description="mean (1 - DINO cosine) between subject-prompt images of the same prompt, different seeds")
 def subject_diversity(images: ImageSet) -> PerImageScores:
     return _diversity(images, "subject", _one_minus_dino_cosine(images), "DINO")
 
 
-@register("div_class", higher_is_better=True, backbone="dino", needs=("dino", "class"),
+@register("div_class", higher_is_better=True, backbone="dino", features=("dino",), label="DIV (class prompts)",
+          scale="1 - raw cosine",
           description="mean (1 - DINO cosine) between class-prompt images of the same prompt, different seeds")
 def class_diversity(images: ImageSet) -> PerImageScores:
     return _diversity(images, "class", _one_minus_dino_cosine(images), "DINO")
 
 
-@register("div_lpips", higher_is_better=True, backbone="dino", needs=("lpips", "subject"),
+@register("div_lpips", higher_is_better=True, backbone="dino", features=(), label="DIV (LPIPS)",
+          scale="LPIPS distance",
           description="optional: mean LPIPS distance between subject-prompt images of the same prompt, "
                       "different seeds (the paper's DIV); needs LPIPS distances")
 def lpips_diversity(images: ImageSet) -> PerImageScores:
     if images.lpips is None:
         raise MetricUnavailable("LPIPS distances were not supplied (optional metric; needs LPIPS weights)")
     return _diversity(images, "subject", np.asarray(images.lpips, dtype=np.float64), "LPIPS")
-
-
-# The paper's "Real Images" row: each real image against the other real images, for these metrics.
-REAL_IMAGE_METRICS: dict[str, str] = {"dino": "real_dino", "clip_i": "real_clip"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -343,7 +377,7 @@ def intervals_overlap(a: MetricResult, b: MetricResult) -> bool:
 
 
 def _unavailable(name: str, note: str) -> MetricResult:
-    metric = METRICS.get(name)
+    metric = METRICS.get(name) if name in METRICS else None
     return MetricResult(
         name=name, mean=math.nan, ci_low=math.nan, ci_high=math.nan, n=0, n_groups=0,
         backbone=metric.backbone if metric else "", higher_is_better=metric.higher_is_better if metric else True,
@@ -389,7 +423,7 @@ def score(images: ImageSet, metric_names: Sequence[str], bootstrap_samples: int 
         if name not in METRICS:
             results.append(_unavailable(name, _unknown_note(name)))
             continue
-        metric = METRICS[name]
+        metric = METRICS.get(name)
         try:
             per_image = metric.fn(images)
         except MetricUnavailable as why:
@@ -418,9 +452,9 @@ def score_real_images(real_dino: np.ndarray | None, real_clip: np.ndarray | None
 
     The bootstrap group is the real image. Metrics not defined for real images come back unavailable with a note.
     """
-    arrays = {"real_dino": real_dino, "real_clip": real_clip}
-    for field_name, array in arrays.items():
-        _check_embeddings(field_name, array, rows=None)
+    arrays = {"dino": real_dino, "clip_image": real_clip}
+    _check_embeddings("real_dino", real_dino, rows=None)
+    _check_embeddings("real_clip", real_clip, rows=None)
     counts = {a.shape[0] for a in arrays.values() if a is not None}
     if len(counts) > 1:
         raise ValueError(f"score_real_images: real_dino and real_clip have different numbers of rows {sorted(counts)}; "
@@ -439,12 +473,13 @@ def score_real_images(real_dino: np.ndarray | None, real_clip: np.ndarray | None
         if name not in METRICS:
             results.append(_unavailable(name, _unknown_note(name)))
             continue
-        if name not in REAL_IMAGE_METRICS:
+        metric = METRICS.get(name)
+        if metric.real_images is None:
             results.append(_unavailable(name, "defined for generated images only"))
             continue
-        array = arrays[REAL_IMAGE_METRICS[name]]
+        array = arrays.get(metric.real_images)
         try:
-            per_image = leave_one_out_similarity(_require(array, f"{METRICS[name].backbone.upper()} embeddings "
+            per_image = leave_one_out_similarity(_require(array, f"{metric.backbone.upper()} embeddings "
                                                                  "of the real images"))
         except MetricUnavailable as why:
             results.append(_unavailable(name, str(why)))
@@ -452,5 +487,5 @@ def score_real_images(real_dino: np.ndarray | None, real_clip: np.ndarray | None
         for row, value in zip(table, per_image, strict=True):
             row[name] = float(value)
         scores = PerImageScores(per_image, tuple(range(per_image.size)))
-        results.append(_summarise(METRICS[name], scores, bootstrap_samples, seed))
+        results.append(_summarise(metric, scores, bootstrap_samples, seed))
     return results, table

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.backends import backend_of
 from harness.class_images import PoolSpec, plan_pools, pool_for
 from harness.config import Protocol
 from harness.data import check_instances, list_instance_files
@@ -54,10 +55,9 @@ def _fmt(value: object) -> str:
 def format_plan(plan: Plan) -> str:
     p = plan.protocol
     model = p.model.id + (f"@{p.model.revision}" if p.model.revision else "")
-    if p.model.is_tiny:
-        model += "  (random weights: pipeline check only, no quality conclusions)"
-    elif p.model.is_toyworld:
-        model += "  (pretrained toy model: the numbers are about the toy world)"
+    note = backend_of(p.model).plan_note
+    if note:
+        model += f"  ({note})"
     lines = [f"Protocol {p.name!r}  ({p.path})", f"model: {model}"]
     for s in p.subjects:
         n = len(list_instance_files(s.instance_dir))

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from harness.backbones import BackboneSet
 from harness.store import file_digest
 from harness.toyworld.world import IMAGE_SIZE, vocabulary
 
@@ -85,6 +86,11 @@ CLIP_CONFIG: dict[str, Any] = {
     "text_cfg": {"context_length": MAX_TOKENS, "width": 128, "heads": 4, "layers": 3},  # vocab_size added below
 }
 DINO_CONFIG: dict[str, Any] = {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 160, "depth": 4, "num_heads": 4}
+
+
+SCOPE_NOTE = ("toy world: the base model and the metric backbones are small models pretrained on the toy world's "
+              "renders (harness/toyworld), so the numbers measure what happens in that world; they are not "
+              "comparable with numbers measured on photographs with Stable Diffusion, CLIP and DINO")
 
 
 class ToyWorldWeightsError(RuntimeError):
@@ -312,3 +318,8 @@ def toy_dino(device: str | torch.device = "cpu", batch_size: int = 32, folder: P
                   f"{DINO_CONFIG['patch_size']}), object-identity contrastive"),
         source=BACKBONE_SOURCE, preprocessing=BACKBONE_PREPROCESSING, device=device, batch_size=batch_size,
     )
+
+
+TOY_BACKBONES = BackboneSet({"clip": toy_clip, "dino": toy_dino},
+                            scope_note=SCOPE_NOTE,
+                            description="the toy world's CLIP and DINO-role encoder")

@@ -1,0 +1,435 @@
+"""Building a `Protocol` from a YAML file, with every problem reported together.
+
+`load_protocol(path)` reads the file (yaml_lines.py), builds each section's dataclass (schema.py) converting and
+range-checking every value (fields.py), resolves paths (inputs relative to the protocol file, outputs relative to
+the working directory), checks what only shows across sections, and asks the registries about what they own:
+the model backend checks `model` (and may check the rest against what its model can do), the method registry the
+method sections and settings, the metric and backbone registries `eval`. Nothing here touches a GPU, a model or
+an image's pixels, and no registry entry is imported unless the protocol names it.
+
+What this module does not hold: the expansion of the grid into runs (grid.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from harness.backbones import BACKBONES
+from harness.backends import backend_of
+from harness.config.fields import check_rules, convert_field, field_names, suggest
+from harness.config.schema import (
+    GRID_SUBJECT_KEY,
+    ClassImageSpec,
+    EvalSpec,
+    ModelSpec,
+    OutputSpec,
+    Protocol,
+    SubjectSpec,
+    TrainSpec,
+)
+from harness.config.yaml_lines import Collector, read_yaml
+from harness.methods import METHODS, setting_owners
+from harness.metrics import METRICS
+
+BASE_TOP_LEVEL_KEYS = ("name", "description", "model", "subjects", "train", "class_images", "eval", "output", "grid")
+
+
+def top_level_keys() -> list[str]:
+    """The sections a protocol may have: the fixed ones and one per registered method."""
+    return [*BASE_TOP_LEVEL_KEYS, *METHODS.names()]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+def build_section(cls: type, raw: Any, at: tuple, errs: Collector) -> Any:
+    """A dataclass from a YAML mapping; unknown keys, wrong types and out-of-range values go to `errs`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errs.add(at, f"must be a mapping of keys to values, got {type(raw).__name__}.")
+        return cls() if all(f.default is not dataclasses.MISSING for f in fields(cls)) else None
+    names = field_names(cls)
+    values = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key not in names:
+            errs.add(at + (key,), f"unknown key; {suggest(key, names)}")
+            continue
+        try:
+            values[key] = convert_field(cls, key, value)
+        except ValueError as e:
+            errs.add(at + (key,), f"{e}.")
+    try:
+        obj = cls(**values)
+    except TypeError:
+        return None  # a required key is missing; reported by the caller
+    for name, message in check_rules(obj):
+        if name in values:
+            errs.add(at + (name,), message)
+    return obj
+
+
+def _build_model(raw: Any, base: Path, errs: Collector, notes: list[str]) -> ModelSpec:
+    model = build_section(ModelSpec, raw, ("model",), errs) or ModelSpec()
+    model = replace(model, id=model.id.strip())
+    resolved = backend_of(model).resolve(model, base)
+    for key, message in resolved.problems:
+        errs.add(("model", key), message)
+    notes += resolved.notes
+    return resolved.model
+
+
+def _build_subjects(raw: Any, base: Path, errs: Collector) -> tuple[SubjectSpec, ...]:
+    if raw is None:
+        errs.add(("subjects",), "is missing; list at least one subject with name and instance_dir "
+                                "(see protocols/smoke.yaml).")
+        return ()
+    if not isinstance(raw, list) or not raw:
+        errs.add(("subjects",), "must be a non-empty list of subjects, each with name and instance_dir.")
+        return ()
+    subjects = []
+    for i, item in enumerate(raw):
+        at = ("subjects", i)
+        subject = build_section(SubjectSpec, item, at, errs)
+        if subject is None:
+            missing = [k for k in ("name", "instance_dir") if not isinstance(item, dict) or k not in item]
+            if missing:
+                errs.add(at, f"is missing {' and '.join(missing)}; every subject needs a name and an instance_dir.")
+            continue
+        folder = subject.instance_dir if subject.instance_dir.is_absolute() else (base / subject.instance_dir).resolve()
+        if not folder.is_dir():
+            parent = "" if folder.parent.is_dir() else f" (nor does its parent {folder.parent})"
+            errs.add(at + ("instance_dir",), f"folder {folder} does not exist{parent}. Paths are relative to the "
+                                             "protocol file's folder; point it at a folder of 3-6 photos of the "
+                                             "subject." + _dataset_hint(folder))
+        _check_subject_prompts(subject, at, errs)
+        subjects.append(replace(subject, instance_dir=folder))
+    names = [s.name for s in subjects]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        errs.add(("subjects",), f"the name {name!r} is used by more than one subject; names must be unique.")
+    return tuple(subjects)
+
+
+def _dataset_hint(folder: Path) -> str:
+    """Where a public dataset folder is missing, the command that downloads it."""
+    try:
+        from harness.datasets import dataset_hint
+    except ImportError:
+        return ""
+    hint = dataset_hint(folder)
+    return f" {hint}" if hint else ""
+
+
+def _check_subject_prompts(subject: SubjectSpec, at: tuple, errs: Collector) -> None:
+    for key in ("instance_prompt", "class_prompt"):
+        template = getattr(subject, key)
+        unknown = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None
+                   and f not in ("identifier", "class")]
+        if unknown:
+            errs.add(at + (key,), f"{template!r} has unknown placeholder(s) {unknown}; use {{identifier}} and "
+                                  "{class}.")
+    if "{identifier}" not in subject.instance_prompt:
+        errs.add(at + ("instance_prompt",), f"{subject.instance_prompt!r} does not contain {{identifier}}, so "
+                                            "training could not bind the subject to its token.")
+    if "{identifier}" in subject.class_prompt:
+        errs.add(at + ("class_prompt",), f"{subject.class_prompt!r} contains {{identifier}}; the class prompt "
+                                         "must describe the generic class, e.g. 'a {class}'.")
+    if not subject.identifier.strip() or " " in subject.identifier.strip():
+        errs.add(at + ("identifier",), f"{subject.identifier!r} must be one non-empty word, e.g. 'sks'.")
+    if subject.eval_prompts is not None and not subject.eval_prompts:
+        errs.add(at + ("eval_prompts",), "is empty; remove it to use DreamBench's prompt list.")
+
+
+def _check_train(train: TrainSpec, at: tuple, errs: Collector, given: set[str]) -> None:
+    if train.method not in METHODS:
+        errs.add(at + ("method",), METHODS.unknown_message(train.method))
+    if train.uses_prior and train.num_class_images == 0 and "num_class_images" in given:
+        errs.add(at + ("num_class_images",), "is 0 while prior_loss_weight is above 0; give at least 1 class "
+                                             "image (the paper uses 200-300 per subject) or set prior_loss_weight: 0.")
+
+
+def _check_eval(spec: EvalSpec, errs: Collector) -> None:
+    at = ("eval",)
+    if spec.backbones not in BACKBONES:
+        errs.add(at + ("backbones",), BACKBONES.unknown_message(spec.backbones))
+    if not spec.seeds:
+        errs.add(at + ("seeds",), "is empty; give at least one seed, e.g. [0, 1, 2, 3].")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        errs.add(at + ("seeds",), f"has repeated seeds {list(spec.seeds)}; each seed should appear once.")
+    if any(s < 0 for s in spec.seeds):
+        errs.add(at + ("seeds",), "seeds must be 0 or more.")
+    if not spec.class_prompts:
+        errs.add(at + ("class_prompts",), "is empty; PRES and class diversity need at least 'a {class}'.")
+    for p in spec.class_prompts:
+        if "{identifier}" in p:
+            errs.add(at + ("class_prompts",), f"{p!r} contains {{identifier}}; class prompts must not name the "
+                                              "subject.")
+    for m in spec.metrics:
+        if m not in METRICS:
+            errs.add(at + ("metrics",), f"unknown metric {m!r}; {suggest(m, METRICS.names(), 'metrics')}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Methods: their sections, their settings written in train:, their checks
+
+
+def _study_methods(train: TrainSpec, raw_grid: Any) -> tuple[str, ...]:
+    if isinstance(raw_grid, dict) and isinstance(raw_grid.get("method"), list) and raw_grid["method"]:
+        return tuple(str(m) for m in raw_grid["method"] if str(m) in METHODS)
+    return (train.method,) if train.method in METHODS else ()
+
+
+def _split_train(raw: Any) -> tuple[Any, dict[str, Any]]:
+    """(the TrainSpec part of `train:`, the other keys: settings of a method written without its section)."""
+    if not isinstance(raw, dict):
+        return raw, {}
+    names = set(field_names(TrainSpec))
+    return {k: v for k, v in raw.items() if str(k) in names}, {str(k): v for k, v in raw.items()
+                                                               if str(k) not in names}
+
+
+def _build_methods(data: dict, loose: dict[str, Any], study: tuple[str, ...], errs: Collector
+                   ) -> tuple[tuple[str, Any], ...]:
+    """Each study method's settings from its section and from the settings written in train:."""
+    out = []
+    for name in METHODS.names():
+        if name in data and name not in study:
+            errs.add((name,), f"is the settings section of method {name!r}, which this study does not train "
+                              f"(it trains {', '.join(study) or 'no valid method'}); add {name} to train.method or "
+                              "grid.method, or remove the section.")
+    for key in loose:
+        owners = setting_owners(key)
+        if not any(o in study for o in owners):
+            if owners:
+                errs.add(("train", key), f"is a setting of method {', '.join(owners)}, but this study trains "
+                                         f"{', '.join(study) or 'no valid method'}; remove it or train that method.")
+            else:
+                valid = field_names(TrainSpec) + sorted({f for m in study for f in _settings_fields(m)})
+                errs.add(("train", key), f"unknown key; {suggest(key, valid)}")
+    for name in study:
+        cls = METHODS.get(name)
+        section = data.get(name)
+        settings = build_section(cls.settings_type, section, (name,), errs) or cls.settings_type()
+        for key, value in loose.items():
+            if key not in _settings_fields(name):
+                continue
+            if isinstance(section, dict) and key in section:
+                errs.add(("train", key), f"is also set in the {name} section; keep one of them.")
+                continue
+            try:
+                settings = replace(settings, **{key: convert_field(cls.settings_type, key, value)})
+            except ValueError as e:
+                errs.add(("train", key), f"{e}.")
+        out.append((name, settings))
+    return tuple(out)
+
+
+def _settings_fields(method: str) -> list[str]:
+    return field_names(METHODS.get(method).settings_type)
+
+
+def _apply_method_defaults(train: TrainSpec, given: set[str]) -> TrainSpec:
+    """The protocol's training settings with its method's preferred values where the protocol set none."""
+    if train.method not in METHODS:
+        return train
+    defaults = METHODS.get(train.method).train_defaults
+    return replace(train, **{k: v for k, v in defaults.items() if k not in given})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The grid
+
+
+def grid_keys(study: tuple[str, ...]) -> list[str]:
+    """Keys a grid may vary: training fields, subject, and the settings of the study's methods (bare, or
+    qualified as method.key)."""
+    settings = [k for m in study for k in _settings_fields(m)]
+    qualified = [f"{m}.{k}" for m in study for k in _settings_fields(m)]
+    return list(dict.fromkeys([*field_names(TrainSpec), GRID_SUBJECT_KEY, *settings, *qualified]))
+
+
+def setting_target(key: str, study: tuple[str, ...]) -> tuple[str | None, str]:
+    """(method or None for every study method that has it, setting name) of a grid key naming a method setting."""
+    if "." in key:
+        method, _, name = key.partition(".")
+        return method, name
+    return None, key
+
+
+def _convert_grid_value(key: str, value: Any, train: TrainSpec, protocol_methods: dict[str, Any],
+                        study: tuple[str, ...]) -> tuple[Any, list[str]]:
+    """A grid value converted, and what is wrong with it."""
+    if key in field_names(TrainSpec):
+        v = convert_field(TrainSpec, key, value)
+        candidate = replace(train, **{key: v})
+        problems = [message for name, message in check_rules(candidate) if name == key]
+        if key == "method" and v not in METHODS:
+            problems.append(METHODS.unknown_message(v))
+        for method, settings in protocol_methods.items():
+            problems += [message for _, message in METHODS.get(method).check(settings, candidate)]
+        return v, problems
+    method, name = setting_target(key, study)
+    owners = [method] if method else [m for m in study if name in _settings_fields(m)]
+    v = convert_field(METHODS.get(owners[0]).settings_type, name, value)
+    problems = []
+    for owner in owners:
+        candidate = replace(protocol_methods[owner], **{name: v})
+        problems += [message for field_name, message in check_rules(candidate) if field_name == name]
+        problems += [message for field_name, message in METHODS.get(owner).check(candidate, train)
+                     if field_name == name]
+    return v, problems
+
+
+def _build_grid(raw: Any, train: TrainSpec, subjects: tuple[SubjectSpec, ...], methods: tuple[tuple[str, Any], ...],
+                study: tuple[str, ...], errs: Collector) -> tuple:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        errs.add(("grid",), "must be a mapping from a training field to a list of values, "
+                            "e.g. prior_loss_weight: [0, 1].")
+        return ()
+    valid = grid_keys(study)
+    axes = []
+    for key, values in raw.items():
+        key = str(key)
+        at = ("grid", key)
+        if key not in valid:
+            owners = setting_owners(key.partition(".")[2] if "." in key else key)
+            if owners:
+                errs.add(at, f"is a setting of method {', '.join(owners)}, which this study does not train; add "
+                             "it to grid.method (or train.method) or remove this axis.")
+            else:
+                errs.add(at, f"is not a field that can be varied; {suggest(key, valid)}")
+            continue
+        if not isinstance(values, list):
+            errs.add(at, f"must be a list of values, got {values!r}; write [{values}] for a single value.")
+            continue
+        if not values:
+            errs.add(at, "is an empty list, so the grid would have no runs; give at least one value or remove it.")
+            continue
+        converted = []
+        for i, value in enumerate(values):
+            if key == GRID_SUBJECT_KEY:
+                names = [s.name for s in subjects]
+                if value not in names:
+                    errs.add(at + (i,), f"{value!r} is not a subject of this protocol; "
+                                        f"{suggest(str(value), names, 'subjects')}")
+                    continue
+                converted.append(value)
+                continue
+            try:
+                v, problems = _convert_grid_value(key, value, train, dict(methods), study)
+            except ValueError as e:
+                errs.add(at + (i,), f"{e}.")
+                continue
+            for message in problems:
+                errs.add(at + (i,), message)
+            converted.append(v)
+        if len(set(map(repr, converted))) != len(converted):
+            errs.add(at, f"has repeated values {values}; list each value once.")
+        axes.append((key, tuple(converted)))
+    return tuple(axes)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checks across sections
+
+
+def _check_combinations(protocol: Protocol, errs: Collector, setting_at: dict[tuple[str, str], tuple]) -> None:
+    """Contradictions that only show across sections (grid values against subjects, and so on)."""
+    axes = dict(protocol.grid)
+    weights = axes.get("prior_loss_weight", (protocol.train.prior_loss_weight,))
+    chosen = axes.get(GRID_SUBJECT_KEY, tuple(s.name for s in protocol.subjects))
+    if any(w > 0 for w in weights):
+        for i, s in enumerate(protocol.subjects):
+            if s.name in chosen and not s.class_noun:
+                errs.add(("subjects", i, "class_noun"),
+                         f"subject {s.name!r} has no class_noun, but prior_loss_weight is above 0, which needs class "
+                         "images of the class; add class_noun (e.g. dog) or set prior_loss_weight: 0.")
+        counts = axes.get("num_class_images", (protocol.train.num_class_images,))
+        if 0 in counts and "num_class_images" in axes:
+            errs.add(("grid", "num_class_images"), "contains 0 while prior_loss_weight is above 0; remove 0 "
+                                                   "(prior_loss_weight 0 already covers training without a prior).")
+    for i, s in enumerate(protocol.subjects):
+        if not s.class_noun and ("{class}" in s.instance_prompt):
+            errs.add(("subjects", i, "class_noun"), f"is missing but instance_prompt {s.instance_prompt!r} uses "
+                                                    "{class}; add class_noun or write the prompt without {class}.")
+    steps = axes.get("steps", (protocol.train.steps,))
+    warmups = axes.get("lr_warmup_steps", (protocol.train.lr_warmup_steps,))
+    if max(warmups) >= min(steps) and protocol.train.lr_schedule != "constant":
+        errs.add(("train", "lr_warmup_steps"), f"warm-up of {max(warmups)} steps is not shorter than the shortest "
+                                               f"run ({min(steps)} steps); lower lr_warmup_steps.")
+    for name, settings in protocol.methods:
+        for key, message in METHODS.get(name).check(settings, protocol.train):
+            errs.add(setting_at.get((name, key), (name, key)), message)
+    for at, message in backend_of(protocol.model).check_protocol(protocol):
+        errs.add(at, message)
+
+
+def _setting_places(data: dict, loose: dict[str, Any], study: tuple[str, ...]) -> dict[tuple[str, str], tuple]:
+    """Where each method setting was written, so a problem with it points at its line."""
+    places: dict[tuple[str, str], tuple] = {}
+    for name in study:
+        for key in _settings_fields(name):
+            if isinstance(data.get(name), dict) and key in data[name]:
+                places[(name, key)] = (name, key)
+            elif key in loose:
+                places[(name, key)] = ("train", key)
+    return places
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def load_protocol(path: str | Path) -> Protocol:
+    """Reads and validates a protocol file. Raises ProtocolError listing every problem found."""
+    path = Path(path)
+    data, lines = read_yaml(path)
+    errs = Collector(path, lines)
+    if not isinstance(data, dict):
+        errs.add((), "the protocol must be a YAML mapping with keys such as model, subjects, train and grid.")
+        errs.raise_if_any()
+    valid_top = top_level_keys()
+    for key in data:
+        if str(key) not in valid_top:
+            errs.add((str(key),), f"unknown top-level key; {suggest(str(key), valid_top)}")
+    base = path.resolve().parent
+    notes: list[str] = []
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\ "):
+        errs.add(("name",), f"must be a non-empty word usable as a folder name, got {name!r}.")
+        name = path.stem
+    description = data.get("description", "") or ""
+    if not isinstance(description, str):
+        errs.add(("description",), "must be a string.")
+        description = ""
+    model = _build_model(data.get("model"), base, errs, notes)
+    subjects = _build_subjects(data.get("subjects"), base, errs)
+    train_raw, loose = _split_train(data.get("train"))
+    given = {str(k) for k in train_raw} if isinstance(train_raw, dict) else set()
+    train = build_section(TrainSpec, train_raw, ("train",), errs) or TrainSpec()
+    _check_train(train, ("train",), errs, given)
+    train = _apply_method_defaults(train, given)
+    study = _study_methods(train, data.get("grid"))
+    methods = _build_methods(data, loose, study, errs)
+    class_images = build_section(ClassImageSpec, data.get("class_images"), ("class_images",), errs) or ClassImageSpec()
+    evaluation = build_section(EvalSpec, data.get("eval"), ("eval",), errs) or EvalSpec()
+    _check_eval(evaluation, errs)
+    output = build_section(OutputSpec, data.get("output"), ("output",), errs) or OutputSpec()
+    grid = _build_grid(data.get("grid"), train, subjects, methods, study, errs)
+    protocol = Protocol(
+        name=name, path=path.resolve(), model=model, subjects=subjects, train=train, class_images=class_images,
+        eval=evaluation, output=output, grid=grid, description=description.strip(), methods=methods,
+        train_unset=frozenset(field_names(TrainSpec)) - given, notes=tuple(notes),
+    )
+    if subjects:
+        _check_combinations(protocol, errs, _setting_places(data, loose, study))
+    errs.raise_if_any()
+    return protocol
