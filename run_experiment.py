@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_plan(make_plan(protocol)))
             return 0
         quiet_libraries()
-        from harness.embedders import BackboneUnavailableError
-        from harness.models import ModelUnavailableError
+        from harness.backbones import BackboneUnavailableError
+        from harness.backends import ModelUnavailableError
         from harness.runner import run_protocol
 
         try:

@@ -1,16 +1,15 @@
-"""Scoring: embeddings of generated and real images -> per-image scores -> per-snapshot metrics, as `scores.json`.
+"""Scoring: features of generated and real images -> per-image scores -> per-snapshot metrics, as a scores record.
 
-Three kinds of scored unit share one record format (see results.py): a run's snapshot, the base model (step 0,
-the same prompts and seeds) and the real images (leave-one-out real-vs-real, the paper's "Real Images" row).
-Embeddings are cached per (image content, backbone) by embedders.py, so re-scoring computes nothing twice.
+Three kinds of scored unit share one record format (records.py): a run's snapshot, the base model (step 0, the
+same prompts and seeds) and the real images (leave-one-out real-vs-real, the paper's "Real Images" row). The
+scorer computes only the features its metrics read (metrics.FEATURE_ROLES); embeddings are cached per (image
+content, backbone) by embedders.py, so re-scoring computes nothing twice.
 
 What this module does not hold: image generation (sampling.py) or the metric definitions (metrics.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -22,30 +21,28 @@ import numpy as np
 
 from harness.config import EvalSpec, SubjectSpec
 from harness.data import load_rgb
-from harness.embedders import ClipEmbedder, Embedder, EmbeddingCache, embed_with_cache
-from harness.metrics import ImageSet, MetricResult, clip_t_texts, score, score_real_images
-from harness.store import atomic_write_json
-
-SCORES_SCHEMA = 1
+from harness.embedders import Embedder, EmbeddingCache, embed_with_cache
+from harness.metrics import ImageSet, MetricResult, clip_t_texts, features_for, score, score_real_images
+from harness.records import scores_header, scores_name, scores_record, write_scores
 
 
 def record_name(spec: EvalSpec) -> str:
     """File name of a scores record: other backbones or metrics give another file, never a stale one."""
-    identity = json.dumps([spec.backbones, list(spec.metrics), spec.bootstrap_samples, SCORES_SCHEMA])
-    return f"scores-{hashlib.sha256(identity.encode()).hexdigest()[:8]}.json"
+    return scores_name(spec.backbones, spec.metrics, spec.bootstrap_samples)
 
 
 class Scorer:
-    """The evaluation backbones of a protocol with their embedding cache, loaded once and shared by every unit."""
+    """The evaluation backbones of a protocol (by role) with their embedding cache, loaded once and shared by every
+    unit. It computes the features its metrics read and nothing else."""
 
     def __init__(self, embedders: dict[str, Embedder], cache: EmbeddingCache, spec: EvalSpec):
-        self.clip: ClipEmbedder = embedders["clip"]  # type: ignore[assignment]
-        self.dino: Embedder = embedders["dino"]
+        self.embedders = embedders
+        self.features = features_for(spec.metrics)
         self.cache = cache
         self.spec = spec
 
     def backbones(self) -> dict[str, Any]:
-        return {"clip": self.clip.describe(), "dino": self.dino.describe()}
+        return {role: embedder.describe() for role, embedder in self.embedders.items()}
 
     @property
     def record_name(self) -> str:
@@ -54,8 +51,15 @@ class Scorer:
     def embed(self, embedder: Embedder, paths: Sequence[Path]) -> np.ndarray:
         return embed_with_cache(embedder, [load_rgb(Path(p)) for p in paths], self.cache)
 
-    def real_embeddings(self, real_paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
-        return self.embed(self.dino, real_paths), self.embed(self.clip, real_paths)
+    def image_features(self, paths: Sequence[Path]) -> dict[str, np.ndarray | None]:
+        """{"dino": rows or None, "clip": rows or None}: the image embeddings the metrics need."""
+        wanted = {"dino": "dino" in self.features, "clip": "clip_image" in self.features}
+        return {role: self.embed(self.embedders[role], paths) if need else None for role, need in wanted.items()}
+
+    def text_features(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        if "clip_text" not in self.features or not texts:
+            return {}
+        return dict(zip(texts, self.embedders["clip"].embed_texts(list(texts)), strict=True))
 
 
 def _metric_json(result: MetricResult) -> dict[str, Any]:
@@ -72,8 +76,7 @@ def _scores_json(value: float) -> float | None:
 
 
 def _header(kind: str, protocol: str, subject: SubjectSpec, run_key: str | None, step: int | None) -> dict[str, Any]:
-    return {"schema": SCORES_SCHEMA, "kind": kind, "protocol": protocol, "subject": subject.name,
-            "class_noun": subject.class_noun, "identifier": subject.identifier, "run_key": run_key, "step": step}
+    return scores_header(kind, protocol, subject.name, subject.class_noun, subject.identifier, run_key, step)
 
 
 def score_samples(
@@ -87,13 +90,12 @@ def score_samples(
     prompts = tuple(s["prompt"] for s in samples)
     kinds = tuple(s["prompt_kind"] for s in samples)
     texts = sorted(set(clip_t_texts(prompts, kinds, subject.identifier)))
-    text_vectors = scorer.clip.embed_texts(texts) if texts else np.zeros((0, scorer.clip.dim), np.float32)
-    real_dino, real_clip = scorer.real_embeddings(real_paths)
+    real = scorer.image_features(real_paths)
+    generated = scorer.image_features(paths)
     images = ImageSet(
         prompts=prompts, seeds=tuple(int(s["seed"]) for s in samples), kinds=kinds, identifier=subject.identifier,
-        dino=scorer.embed(scorer.dino, paths), clip=scorer.embed(scorer.clip, paths),
-        real_dino=real_dino, real_clip=real_clip, text_clip=dict(zip(texts, text_vectors, strict=True)),
-        image_ids=tuple(str(p) for p in paths),
+        dino=generated["dino"], clip=generated["clip"], real_dino=real["dino"], real_clip=real["clip"],
+        text_clip=scorer.text_features(texts), image_ids=tuple(str(p) for p in paths),
     )
     return score(images, scorer.spec.metrics, scorer.spec.bootstrap_samples, seed=0)
 
@@ -123,9 +125,9 @@ def samples_record(
 def real_images_record(scorer: Scorer, real_paths: Sequence[Path], subject: SubjectSpec, protocol: str
                        ) -> dict[str, Any]:
     """The "Real Images" reference row: leave-one-out similarity among the subject's photos."""
-    real_dino, real_clip = scorer.real_embeddings(real_paths)
-    results, table = score_real_images(real_dino, real_clip, scorer.spec.metrics, scorer.spec.bootstrap_samples,
-                                       seed=0, image_ids=[str(p) for p in real_paths])
+    real = scorer.image_features(real_paths)
+    results, table = score_real_images(real["dino"], real["clip"], scorer.spec.metrics,
+                                       scorer.spec.bootstrap_samples, seed=0, image_ids=[str(p) for p in real_paths])
     images = [{"path": str(p), "prompt": "", "prompt_kind": "real", "seed": None} for p in real_paths]
     return _record(scorer, _header("real_images", protocol, subject, None, None), results, images, table, None, {})
 
@@ -136,17 +138,10 @@ def _record(scorer: Scorer, header: dict[str, Any], results: Sequence[MetricResu
     """A scores record: the header, the metrics, and each image with the per-image scores that apply to it."""
     for image, row in zip(images, table, strict=True):
         image["scores"] = {m: _scores_json(row[m]) for m in scorer.spec.metrics if _scores_json(row[m]) is not None}
-    return {
-        **header,
-        "metrics": {r.name: _metric_json(r) for r in results},
-        "backbones": scorer.backbones(),
-        "sampler": sampler,
-        "images": images,
-        "seconds": seconds,
-    }
+    return scores_record(header, {r.name: _metric_json(r) for r in results}, scorer.backbones(), sampler, images,
+                         seconds)
 
 
 def write_record(path: Path, record: dict[str, Any]) -> Path:
-    atomic_write_json(path, record)
-    return path
+    return write_scores(path, record)
 

@@ -1,6 +1,6 @@
 """Runs a protocol end to end: prepare what the runs share, train and score each run, then results and report.
 
-The flow (DESIGN.md): plan -> prepare (instance images, class-image pools, evaluation backbones, the real-image and
+The flow: plan -> prepare (instance images, class-image pools, evaluation backbones, the real-image and
 base-model reference rows) -> for each run: train, handing every pending snapshot to sampling + scoring -> CSVs ->
 report. Every step skips what is already on disk, so running the same protocol again trains, generates and embeds
 nothing new and only rebuilds the CSVs and the report. One failing run is recorded in its folder (error.json) and
@@ -15,7 +15,6 @@ import contextlib
 import logging
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from harness.backends import backend_of, load_components
 from harness.caches import build_training_data
 from harness.class_images import ensure_pool, pool_for
 from harness.config import Protocol, SubjectSpec
@@ -30,8 +30,20 @@ from harness.data import folder_digest, list_instance_files, prepare_instances
 from harness.embedders import EmbeddingCache, make_embedders
 from harness.evaluator import Scorer, real_images_record, record_name, samples_record, write_record
 from harness.grid import RunSpec
-from harness.models import Components, load_components
+from harness.metrics import roles_for
+from harness.models import Components
 from harness.plan import Plan, make_plan
+from harness.records import (
+    ERROR_FILE,
+    TRAIN_STAGE,
+    ErrorRecord,
+    failing_phase,
+    read_train,
+    write_error,
+)
+from harness.records import (
+    snapshot_dir as record_snapshot_dir,
+)
 from harness.sampling import (
     SamplerSettings,
     base_samples_key,
@@ -42,12 +54,10 @@ from harness.sampling import (
     sampler_settings,
     samples_key,
 )
-from harness.store import RunFolder, RunStore, atomic_write_json
-from harness.trainer import TrainingOutOfMemoryError, load_result, train
+from harness.store import RunFolder, RunStore
+from harness.trainer import TrainingOutOfMemoryError, train
 
 log = logging.getLogger(__name__)
-
-ERROR_FILE = "error.json"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -136,7 +146,7 @@ def prepare(plan: Plan, shared: Shared, runs: list[RunSpec]) -> None:
             if any(pool_for(r) == pool for r in runs):
                 ensure_pool(pool, n, shared.cache_dir, shared.base_components, shared.device)
     with shared.timings.phase("load backbones"):
-        embedders = make_embedders(protocol.eval.backbones, shared.device)
+        embedders = make_embedders(protocol.eval.backbones, shared.device, roles=roles_for(protocol.eval.metrics))
         shared.scorer = Scorer(embedders, EmbeddingCache(shared.cache_dir), protocol.eval)
     for subject, resolution in sorted({(r.subject, r.train.resolution) for r in runs}, key=lambda x: x[0].name):
         score_real_images(shared, subject)
@@ -198,7 +208,7 @@ def _sampler_json(settings: SamplerSettings) -> dict[str, Any]:
 def snapshot_dir(shared: Shared, folder: RunFolder, step: int) -> Path:
     run = folder.spec
     settings = shared.settings(run.train.resolution)
-    return folder.path / "samples" / samples_key(run.subject, shared.protocol.eval, settings) / f"step-{step:06d}"
+    return record_snapshot_dir(folder.path, samples_key(run.subject, shared.protocol.eval, settings), step)
 
 
 def snapshot_record_path(shared: Shared, folder: RunFolder, step: int) -> Path:
@@ -209,7 +219,7 @@ def score_snapshot(shared: Shared, folder: RunFolder, step: int, sampling_second
     run = folder.spec
     out = snapshot_dir(shared, folder, step)
     requests = eval_requests(run.subject, shared.protocol.eval)
-    with shared.timings.phase("scoring"):
+    with shared.timings.phase("scoring"), failing_phase("score"):
         record = samples_record(shared.scorer, read_samples(out, requests), shared.real_paths(run.subject),
                                 run.subject, kind="snapshot", protocol=shared.protocol.name, run_key=run.run_key,
                                 step=step, sampler=_sampler_json(shared.settings(run.train.resolution)),
@@ -222,7 +232,7 @@ def snapshot_callback(shared: Shared, folder: RunFolder) -> Callable[[int, torch
 
     def on_snapshot(step: int, unet: torch.nn.Module, components: Components) -> None:
         started = time.perf_counter()
-        with shared.timings.phase("sampling"):
+        with shared.timings.phase("sampling"), failing_phase("sample"):
             generate(components, eval_requests(run.subject, shared.protocol.eval), snapshot_dir(shared, folder, step),
                      shared.settings(run.train.resolution), shared.device, shared.protocol.model.dtype,
                      meta={"run_key": run.run_key, "step": step, "model": shared.protocol.model.id},
@@ -255,13 +265,13 @@ def execute_run(shared: Shared, run: RunSpec) -> str:
         for step in rendered:  # images complete but not scored (interrupted while scoring): no model needed
             score_snapshot(shared, folder, step, 0.0)
         to_sample = [s for s in unscored if s not in rendered]
-        if to_sample or not folder.is_done("train"):
-            with shared.timings.phase("load model"):
+        if to_sample or not folder.is_done(TRAIN_STAGE):
+            with shared.timings.phase("load model"), failing_phase("prepare"):
                 # fp32 master weights for training, loaded as published rather than rounded through fp16
                 components = load_components(run.model, dtype=torch.float32)
-            with shared.timings.phase("caches (latents, text)"):
+            with shared.timings.phase("caches (latents, text)"), failing_phase("prepare"):
                 data = training_data(shared, run, components)
-            with shared.timings.phase("training"):
+            with shared.timings.phase("training"), failing_phase("train"):
                 train(run, folder, components, data, snapshot_callback(shared, folder), shared.device,
                       pending_snapshots=to_sample)
             del components, data
@@ -270,17 +280,14 @@ def execute_run(shared: Shared, run: RunSpec) -> str:
             state = f"trained{'' if not to_sample else f', sampled steps {to_sample}'}"
         else:
             state = "already done"
-        result = load_result(folder)
+        result = read_train(folder.path)
     sec = f"{result.seconds_per_step:.3f} s/step" if result.seconds_per_step else "-"
     return f"{run.run_key} {run.subject.name} {dict(run.varied)}: {state} ({sec})"
 
 
 def record_failure(shared: Shared, run: RunSpec, error: BaseException) -> None:
     folder = shared.store.open(run)
-    atomic_write_json(folder.file(ERROR_FILE), {
-        "run_key": run.run_key, "error_type": type(error).__name__, "message": str(error),
-        "traceback": "".join(traceback.format_exception(error)), "phase": "run",
-    })
+    write_error(folder.path, ErrorRecord.of(run.run_key, error))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -330,7 +337,7 @@ def run_protocol(protocol: Protocol, only: tuple[str, ...] = (), report_only: bo
               file=sys.stderr)
         return 2
     print(f"{protocol.name}: {len(runs)} run(s) on {shared.device}"
-          + ("  [tiny random model: pipeline check only]" if protocol.model.is_tiny else ""))
+          + ("  [tiny random model: pipeline check only]" if backend_of(protocol.model).random_weights else ""))
     failed: list[tuple[RunSpec, str]] = []
     if not report_only:
         prepare(plan, shared, runs)

@@ -19,15 +19,22 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from filelock import FileLock, Timeout
 
-if TYPE_CHECKING:  # the store only stores specs; the data modules import its writers
-    from harness.grid import RunSpec
-
 SPEC_FILE = "spec.json"
 LOCK_FILE = ".lock"
+
+
+class RunSpec(Protocol):
+    """What the store needs of a run (grid.RunSpec has it): its key, its identity and its description."""
+
+    run_key: str
+
+    def identity(self) -> dict[str, Any]: ...
+
+    def to_json(self) -> dict[str, Any]: ...
 
 
 class StoreError(RuntimeError):
@@ -157,7 +164,3 @@ class RunStore:
             run.path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(spec_path, spec.to_json())
         return run
-
-    def existing(self, spec: RunSpec) -> RunFolder | None:
-        run = self.folder(spec)
-        return run if run.file(SPEC_FILE).is_file() else None

@@ -1,0 +1,348 @@
+"""The shared training loop: any method, prior preservation, snapshots handed to sampling in memory.
+
+`train(run, folder, components, data, on_snapshot, device, pending_snapshots)` trains the run's method on
+`components` in place from cached latent distributions and text embeddings (caches.TrainingData). One step takes a
+batch of instance latents with the instance prompt and, when the prior weight is above 0, as many class latents
+with the class prompt (the diffusers example's counting); the loss is losses.prior_preservation_loss. The method
+(harness/methods) decides which parameters train and which prompts run through the text encoder in the step.
+
+Decisions worth knowing:
+- Randomness is a pure function of (seed, step) (randomness.py), so a run replays and resumes exactly.
+- Snapshots: the caller says which snapshot steps still need sampling (`pending_snapshots`; None means all of the
+  run's `snapshot_steps`), typically from the markers its own callback writes. Only those fire. A run whose `train`
+  marker exists and with nothing pending does nothing. The callback gets the in-memory UNet in eval mode, under
+  torch.no_grad() and, on CUDA with mixed precision, under autocast (so an fp32 UNet samples with fp16/bf16 VAE and
+  text encoder); the frozen modules go back to the CPU after it returns.
+- Weights are float32 (master weights) under bf16/fp16 autocast; fp16 also uses a GradScaler.
+- `train` takes ownership of `components`: they are trained in place (pass freshly loaded components per run).
+  With `save: final` the method exports its result (a diffusers pipeline for DreamBooth, in fp16).
+
+Nothing here generates class images, encodes images or prompts for the caches, or scores anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from harness.caches import TrainingData
+from harness.config import TrainSpec
+from harness.grid import RunSpec
+from harness.losses import LossParts, diffusion_target, min_snr_weights, prior_preservation_loss, signal_to_noise
+from harness.methods import Method, method_class
+from harness.models import Components, make_scheduler
+from harness.records import CHECKPOINT_FILE, TRAIN_STAGE, TrainRecord, read_train, write_train
+from harness.store import RunFolder
+from harness.trainer.checkpoints import load_checkpoint, restore_checkpoint, save_checkpoint, usable_checkpoint
+from harness.trainer.optimizers import MEMORY_MODES, choose_optimizer
+from harness.trainer.randomness import StepInputs, draw_step_inputs
+from harness.trainer.session import StepLoss, TrainingSession
+
+WARMUP_STEPS = 2  # steps left out of the seconds-per-step figure (allocator and kernel warm-up)
+
+SnapshotCallback = Callable[[int, torch.nn.Module, Components], None]
+
+
+class TrainingOutOfMemoryError(RuntimeError):
+    """Training ran out of GPU memory; the message names the settings that would lower it."""
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """Performance options that do not change what is trained (beyond floating-point rounding).
+
+    benchmarks/bench_train.py toggles them; `default_speedups` holds what measured fastest there.
+    channels_last fights bitsandbytes, whose update makes every parameter contiguous again each step.
+    """
+
+    channels_last: bool = False
+    compile_unet: bool = False  # torch.compile of the UNet (minutes of compilation); never on a CPU
+    cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms (a process-wide setting)
+
+
+def default_speedups(device: torch.device | str) -> Speedups:
+    """What measured fastest on an H100 (bench_train.py): cuDNN autotuning (about 13% a step); no channels_last
+    (slower); no compilation (minutes of compiling for a run of a few hundred steps)."""
+    return Speedups(cudnn_benchmark=torch.device(device).type == "cuda")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A training session: models prepared, optimizer built, one step at a time
+
+
+def autocast_dtype(spec: TrainSpec) -> torch.dtype | None:
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.mixed_precision]
+
+
+def autocast(spec: TrainSpec, device: torch.device, cache: bool = True) -> contextlib.AbstractContextManager:
+    dtype = autocast_dtype(spec)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
+
+
+def make_method(run: RunSpec) -> Method:
+    return method_class(run.train.method)(run.method, run.train)
+
+
+def start_session(method: Method, components: Components, data: TrainingData, device: torch.device | str,
+                  speedups: Speedups | None = None) -> TrainingSession:
+    """Prepares the models for training on `device` and builds the optimizer of the spec's memory mode."""
+    spec = method.train
+    device = torch.device(device)
+    problems = method.check(method.settings, spec)
+    if problems:
+        raise ValueError(" ".join(f"{method.name}.{key}: {message}" for key, message in problems))
+    params = method.prepare(components, device)
+    apply_speedups(components.unet, device, speedups or default_speedups(device))
+    offload_frozen(method, components)
+    factory, label = choose_optimizer(spec.optimizer, device)
+    scaler = torch.amp.GradScaler(device.type) if spec.mixed_precision == "fp16" else None
+    updater = MEMORY_MODES[spec.memory_mode](params, spec, factory, scaler)
+    session = TrainingSession(spec=spec, method=method, components=components, data=data, device=device,
+                              updater=updater, optimizer_label=label,
+                              noise_scheduler=make_scheduler(components.scheduler_config, "ddpm"), scaler=scaler)
+    for kind, prompt, cached in _prompts(data, spec):
+        if method.encodes_in_step(kind):
+            session.tokens[kind] = _token_ids(components, prompt, device)
+        else:
+            session.embeddings[kind] = cached.to(device)
+    return session
+
+
+def _prompts(data: TrainingData, spec: TrainSpec) -> list[tuple[str, str, torch.Tensor | None]]:
+    prompts = [("instance", data.instance_prompt, data.instance_embedding)]
+    if spec.uses_prior:
+        prompts.append(("class", data.class_prompt, data.class_embedding))
+    return prompts
+
+
+def apply_speedups(unet: torch.nn.Module, device: torch.device, speedups: Speedups) -> None:
+    if speedups.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if speedups.compile_unet and device.type == "cuda":
+        unet.compile()
+    if speedups.cudnn_benchmark and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def offload_frozen(method: Method, components: Components) -> None:
+    """The frozen modules on the CPU: training reads their outputs from the caches."""
+    for module in method.frozen_modules(components):
+        module.to("cpu")
+
+
+def _token_ids(components: Components, prompt: str, device: torch.device) -> torch.Tensor:
+    tokenizer = components.tokenizer
+    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids.to(device)
+
+
+def _conditioning(session: TrainingSession, num_instance: int) -> torch.Tensor:
+    """Text conditioning of the batch: the instance prompt's embedding, then the class prompt's."""
+    kinds = ["instance", "class"] if session.spec.uses_prior else ["instance"]
+    live = [k for k in kinds if k in session.tokens]
+    encoded = {}
+    if live:  # one text-encoder call for every prompt that runs through it
+        hidden = session.components.text_encoder(torch.cat([session.tokens[k] for k in live]))[0]
+        encoded = dict(zip(live, hidden.split(1), strict=True))
+    per_prompt = [encoded[k] if k in encoded else session.embeddings[k] for k in kinds]
+    return torch.cat([e.expand(num_instance, -1, -1) for e in per_prompt])
+
+
+def compute_loss(session: TrainingSession, inputs: StepInputs) -> LossParts:
+    """Forward pass of one step and its prior-preservation loss."""
+    spec, scheduler = session.spec, session.noise_scheduler
+    prediction_type = session.components.prediction_type
+    noisy = scheduler.add_noise(inputs.latents, inputs.noise, inputs.timesteps)
+    # No cast cache: each weight is used once per forward, and a cache would hold a half-precision copy of the
+    # whole UNet until the forward ends (1.7 GB for SD 1.5), the peak of low_memory mode.
+    with autocast(spec, session.device, cache=False):
+        conditioning = _conditioning(session, inputs.num_instance)
+        prediction = session.components.unet(noisy, inputs.timesteps, conditioning).sample
+    target = diffusion_target(prediction_type, inputs.latents, inputs.noise, inputs.timesteps, scheduler)
+    weights = None
+    if spec.snr_gamma is not None:
+        snr = signal_to_noise(scheduler.alphas_cumprod, inputs.timesteps[: inputs.num_instance])
+        weights = min_snr_weights(snr, spec.snr_gamma, prediction_type)
+    return prior_preservation_loss(prediction, target, inputs.num_instance, spec.prior_loss_weight, weights)
+
+
+def advance(session: TrainingSession) -> StepLoss:
+    """One optimizer step (one instance batch plus, with a prior, one class batch)."""
+    inputs = draw_step_inputs(session.data, session.spec, session.step, session.components.vae.config.scaling_factor,
+                              session.noise_scheduler.config.num_train_timesteps, session.device)
+    lr = session.updater.lr.current
+    parts = compute_loss(session, inputs)
+    session.updater.apply(parts.total)
+    session.step += 1
+    return StepLoss(step=session.step, instance=parts.instance.item(),
+                    prior=None if parts.prior is None else parts.prior.item(), lr=lr)
+
+
+def finish_session(session: TrainingSession) -> None:
+    """Drops the optimizer state and hooks; the trained modules are left in eval mode without gradients."""
+    session.updater.close()
+    session.method.release(session.components)
+
+
+def hand_snapshot(session: TrainingSession, on_snapshot: SnapshotCallback) -> None:
+    """Gives the in-memory model to `on_snapshot` (eval mode, no grad), then resumes training mode."""
+    for module in session.trained_modules:
+        module.eval()
+    with torch.no_grad(), _snapshot_autocast(session):
+        on_snapshot(session.step, session.components.unet, session.components)
+    for module in session.trained_modules:
+        module.train()
+    offload_frozen(session.method, session.components)
+
+
+def _snapshot_autocast(session: TrainingSession) -> contextlib.AbstractContextManager:
+    if session.device.type != "cuda":
+        return contextlib.nullcontext()
+    return autocast(session.spec, session.device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def train(
+    run: RunSpec,
+    folder: RunFolder,
+    components: Components,
+    data: TrainingData,
+    on_snapshot: SnapshotCallback,
+    device: torch.device | str,
+    pending_snapshots: Collection[int] | None = None,
+    speedups: Speedups | None = None,
+) -> TrainRecord:
+    """Trains `run` to its last step, handing the model to `on_snapshot` at every pending snapshot step.
+
+    Writes train.json and then the `train` marker into `folder`. Returns the stored record without doing anything
+    when the run is done and no snapshot is pending. Raises TrainingOutOfMemoryError when the GPU runs out.
+    """
+    pending = _check_pending(run, pending_snapshots)
+    done = folder.is_done(TRAIN_STAGE)
+    if done and not pending:
+        return read_train(folder.path)
+    end_step = max(pending) if done else run.train.steps
+    device = torch.device(device)
+    _claim(components, run)
+    method = make_method(run)
+    try:
+        result = _train_until(run, method, folder, components, data, on_snapshot, device, pending, end_step,
+                              speedups)
+    except torch.cuda.OutOfMemoryError as error:
+        # Leave the except block before raising, so the frames holding the GPU tensors are freed.
+        message = out_of_memory_message(run.train, method, run.run_key, str(error))
+    else:
+        return read_train(folder.path) if done else result
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise TrainingOutOfMemoryError(message)
+
+
+def _check_pending(run: RunSpec, pending: Collection[int] | None) -> frozenset[int]:
+    if pending is None:
+        return frozenset(run.snapshot_steps)
+    unknown = sorted(set(pending) - set(run.snapshot_steps))
+    if unknown:
+        raise ValueError(f"pending snapshots {unknown} are not snapshot steps of run {run.run_key} "
+                         f"({list(run.snapshot_steps)}).")
+    return frozenset(pending)
+
+
+def _claim(components: Components, run: RunSpec) -> None:
+    """Refuses components whose UNet an earlier call already trained (its weights are no longer the base model's)."""
+    owner = getattr(components.unet, "_harness_trained_for", None)
+    if owner is not None:
+        raise ValueError(f"these components were already trained (run {owner}); load the model again for run "
+                         f"{run.run_key}, training changes the model in place.")
+    components.unet._harness_trained_for = run.run_key
+
+
+def _train_until(
+    run: RunSpec,
+    method: Method,
+    folder: RunFolder,
+    components: Components,
+    data: TrainingData,
+    on_snapshot: SnapshotCallback,
+    device: torch.device,
+    pending: frozenset[int],
+    end_step: int,
+    speedups: Speedups | None,
+) -> TrainRecord:
+    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    session = start_session(method, components, data, device, speedups)
+    history: list[dict[str, Any]] = []
+    state = load_checkpoint(folder, device)
+    if usable_checkpoint(state, pending, end_step):
+        history = restore_checkpoint(session, state)
+    del state
+    resumed_from = session.step
+    if session.step in pending:
+        hand_snapshot(session, on_snapshot)
+    durations = []
+    while session.step < end_step:
+        began = time.perf_counter()
+        history.append(asdict(advance(session)))
+        durations.append(time.perf_counter() - began)
+        if _checkpoint_due(run.train, session.step):
+            save_checkpoint(session, folder, history)
+        if session.step in pending:
+            hand_snapshot(session, on_snapshot)
+    finish_session(session)
+    result = TrainRecord(
+        run_key=run.run_key, final_step=session.step, seconds_per_step=_seconds_per_step(durations),
+        wall_seconds=0.0, peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        optimizer=session.optimizer_label, memory_mode=run.train.memory_mode,
+        mixed_precision=run.train.mixed_precision, resumed_from_step=resumed_from, loss_history=history,
+    )
+    if folder.is_done(TRAIN_STAGE):
+        return result  # a replay for snapshots sampled again: the stored result stays
+    if run.train.save == "final":
+        result.pipeline_dir = str(method.export(components, folder.path))
+    result.wall_seconds = time.perf_counter() - started
+    write_train(folder.path, result)
+    folder.mark_done(TRAIN_STAGE, {"final_step": result.final_step})
+    shutil.rmtree(folder.file(CHECKPOINT_FILE).parent, ignore_errors=True)
+    return result
+
+
+def _checkpoint_due(spec: TrainSpec, step: int) -> bool:
+    return bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0 and step < spec.steps
+
+
+def _seconds_per_step(durations: list[float]) -> float | None:
+    timed = durations[WARMUP_STEPS:] or durations[1:] or durations
+    return statistics.fmean(timed) if timed else None
+
+
+def out_of_memory_message(spec: TrainSpec, method: Method, run_key: str, detail: str) -> str:
+    current = (f"memory_mode={spec.memory_mode}, batch_size={spec.batch_size}, gradient_checkpointing="
+               f"{str(spec.gradient_checkpointing).lower()}, mixed_precision={spec.mixed_precision}, "
+               f"{method.describe()}").rstrip(", ")
+    helps = [text for applies, text in (
+        (spec.memory_mode != "low_memory", "memory_mode: low_memory"),
+        (spec.batch_size != 1, "batch_size: 1"),
+        (not spec.gradient_checkpointing, "gradient_checkpointing: true"),
+        (spec.mixed_precision != "bf16", "mixed_precision: bf16"),
+        *method.memory_settings(),
+    ) if applies]
+    advice = (f"Under train: in the protocol, set {', '.join(helps)}." if helps
+              else "Every memory-saving setting is already on; use a GPU with more memory or a lower resolution.")
+    return (f"run {run_key} ran out of GPU memory while training ({current}). {advice} "
+            f"CUDA said: {' '.join(detail.split())[:300]}")
