@@ -139,7 +139,9 @@ def ensure_pool(
     """The first n images of the pool, generating only those missing.
 
     `components_or_loader` is the model or a function that loads it; a function is only called when images are
-    missing. `batch_size` overrides the pool's ClassImageSpec.batch_size (neither changes any image).
+    missing. `batch_size` overrides the pool's ClassImageSpec.batch_size; neither changes which images exist, and
+    once a pool has images, the batch size they were rendered with is kept so that a repaired or grown pool is the
+    same, image for image, as one rendered in one go.
     """
     if n < 0:
         raise ValueError(f"cannot ask a pool for {n} images.")
@@ -148,10 +150,32 @@ def ensure_pool(
     todo = missing_indices(folder, n)
     if todo:
         components = components_or_loader() if callable(components_or_loader) else components_or_loader
-        generate_images(pool, todo, folder, components, device, batch_size or pool.sampler.batch_size)
+        batch = batch_size or pool.sampler.batch_size or recorded_batch(folder)
+        generate_images(pool, todo, folder, components, device, batch)
     if todo or not (folder / MANIFEST).is_file():
         _write_manifest(folder, pool)
     return [image_path(folder, i) for i in range(n)]
+
+
+def recorded_batch(folder: Path) -> int | None:
+    """The batch size the pool's images were rendered with, from their sidecars (None for a new pool)."""
+    for sidecar in sorted(Path(folder).glob("*.json")):
+        if sidecar.name == MANIFEST:
+            continue
+        try:
+            batch = read_json(sidecar).get("batch_size")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(batch, int) and batch > 0:
+            return batch
+    return None
+
+
+def aligned_batch(index: int, batch: int) -> list[int]:
+    """The batch image `index` is rendered in: [k*batch, (k+1)*batch), so that an image's batch, and with it its
+    exact pixels, never depends on which other images were missing."""
+    start = index // batch * batch
+    return list(range(start, start + batch))
 
 
 def _check_manifest(folder: Path, pool: PoolSpec) -> None:
@@ -177,7 +201,8 @@ def generate_images(
     device: torch.device | str,
     batch_size: int | None,
 ) -> None:
-    """Renders and saves images `indices` of the pool, in batches, each from its own seed."""
+    """Renders and saves images `indices` of the pool, each from its own seed, in whole aligned batches (see
+    `aligned_batch`); the other images of such a batch are saved too when they are not on disk yet."""
     import torch
 
     from harness.models import make_pipeline
@@ -186,13 +211,13 @@ def generate_images(
     device = torch.device(device)
     pipe = make_pipeline(components, pool.sampler.sampler)
     batch = batch_size or default_batch_size(device, pool.resolution)
-    bar = tqdm(total=len(indices), desc=f"class images {pool.prompt!r}", unit="img")
-    position = 0
+    pending = sorted(set(indices))
+    bar = tqdm(total=len(pending), desc=f"class images {pool.prompt!r}", unit="img")
     # PNG encoding runs in threads (zlib releases the GIL) while the GPU renders the next batch.
     with _inference_placement(components, device), torch.inference_mode(), ThreadPoolExecutor(SAVE_THREADS) as writers:
         saving: list[Future] = []
-        while position < len(indices):
-            chunk = indices[position : position + batch]
+        while pending:
+            chunk = aligned_batch(pending[0], batch)
             try:
                 images = render_images(pipe, pool, chunk, device)
             except torch.cuda.OutOfMemoryError:
@@ -201,9 +226,9 @@ def generate_images(
                 batch = _halve_batch(batch, explicit=batch_size is not None)
                 continue
             _wait(saving, bar)  # the previous batch: at most two batches of images wait in memory
-            saving = [writers.submit(save_image, folder, pool, index, image)
-                      for index, image in zip(chunk, images, strict=True)]
-            position += len(chunk)
+            saving = [writers.submit(save_image, folder, pool, index, image, batch)
+                      for index, image in zip(chunk, images, strict=True) if not is_present(folder, index)]
+            pending = [i for i in pending if i not in chunk]
         _wait(saving, bar)
     bar.close()
 
@@ -232,12 +257,13 @@ def render_images(pipe, pool: PoolSpec, indices: list[int], device: torch.device
                   pool.sampler.steps, pool.sampler.guidance_scale, device, pool.sampler.negative_prompt)
 
 
-def save_image(folder: Path, pool: PoolSpec, index: int, image: Image.Image) -> None:
+def save_image(folder: Path, pool: PoolSpec, index: int, image: Image.Image, batch_size: int) -> None:
     png = image_path(folder, index)
     with atomic_path(png) as tmp:
         image.save(tmp, format="PNG")
     atomic_write_json(sidecar_path(png), {"index": index, "seed": pool.image_seed(index), "prompt": pool.prompt,
-                                          "negative_prompt": pool.sampler.negative_prompt, "pool": pool.key})
+                                          "negative_prompt": pool.sampler.negative_prompt, "pool": pool.key,
+                                          "batch_size": batch_size})
 
 
 @contextlib.contextmanager

@@ -135,7 +135,12 @@ def generate(
     unet: torch.nn.Module | None = None,
     progress: str = "sampling",
 ) -> int:
-    """Renders the requests not yet on disk; returns how many were generated. `unet` overrides the model's UNet."""
+    """Renders the requests not yet on disk; returns how many were generated. `unet` overrides the model's UNet.
+
+    Requests are rendered in aligned batches of their positions ([k*batch, (k+1)*batch)), and a folder keeps the
+    batch size its first images were rendered with, so an image re-rendered after a kill or a repair is the same,
+    pixel for pixel, as in an uninterrupted pass.
+    """
     device = torch.device(device)
     todo = missing(out_dir, requests)
     if not todo:
@@ -144,21 +149,36 @@ def generate(
     pipe = make_pipeline(components, settings.sampler)
     if unet is not None:
         pipe.unet = unet
-    batch = batch_size or default_batch_size(device, settings.resolution)
+    batch = batch_size or recorded_batch(out_dir) or default_batch_size(device, settings.resolution)
     out_dir.mkdir(parents=True, exist_ok=True)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     # A UNet handed over by the trainer is already in place; the model's own UNet travels with the frozen parts.
     modules = [components.vae, components.text_encoder] + ([components.unet] if unet is None else [])
+    wanted = set(todo)
+    starts = sorted({requests.index(r) // batch * batch for r in todo})
     with on_device(modules, device, dtype), autocast, torch.inference_mode():
         bar = tqdm(total=len(todo), desc=progress, unit="img", leave=False)
-        for start in range(0, len(todo), batch):
-            chunk = todo[start:start + batch]
+        for start in starts:
+            chunk = list(requests[start:start + batch])
             images = _render(pipe, chunk, settings, device)
-            for request, image in zip(chunk, images, strict=True):
-                _save(out_dir, request, image, settings, meta)
-            bar.update(len(chunk))
+            saved = [(r, image) for r, image in zip(chunk, images, strict=True) if r in wanted]
+            for request, image in saved:
+                _save(out_dir, request, image, settings, {**meta, "batch_size": batch})
+            bar.update(len(saved))
         bar.close()
     return len(todo)
+
+
+def recorded_batch(out_dir: Path) -> int | None:
+    """The batch size the folder's images were rendered with, from their sidecars (None for a new folder)."""
+    for path in sorted(Path(out_dir).glob("*.json")) if Path(out_dir).is_dir() else []:
+        try:
+            batch = read_json(path).get("batch_size")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(batch, int) and batch > 0:
+            return batch
+    return None
 
 
 def _render(pipe, chunk: Sequence[SampleRequest], settings: SamplerSettings, device: torch.device) -> list:
