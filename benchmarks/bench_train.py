@@ -95,7 +95,8 @@ def build_sd15_components(device: str, dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from harness.models import Components, build_clip_tokenizer, sd15_scheduler_config
+    from harness.backends.tiny import build_clip_tokenizer
+    from harness.models import Components, sd15_scheduler_config
 
     tokenizer = build_clip_tokenizer()
     torch.manual_seed(0)
@@ -112,7 +113,7 @@ def build_sd15_components(device: str, dtype):
 
 
 def build_components(tiny: bool, device: str, dtype):
-    from harness.models import build_tiny_components
+    from harness.backends.tiny import build_tiny_components
 
     if not tiny:
         return build_sd15_components(device, dtype)

@@ -1,13 +1,13 @@
-"""Fabricated on-disk records of a finished study, as the trainer and the evaluator write them.
+"""Fabricated on-disk records of a finished study, written with the harness's own record writers.
 
 `fabricate_study` writes, for a protocol's runs: spec.json, train.json (or error.json for a failed run) and one
-scores.json per snapshot with tiny real PNGs, plus the base-model and real-image reference records. The numbers
-are plausible and follow `metric_value`, so tests know what to expect; `overrides` pins chosen values.
+scores record per snapshot with tiny real PNGs, plus the base-model and real-image reference records. The numbers
+are plausible and follow `metric_value`, so tests know what to expect; `overrides` pins chosen values. Every file
+goes through harness/records.py (and the run store), so the fakes cannot drift from what the harness writes.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +17,25 @@ from PIL import Image
 
 from harness.config import Protocol
 from harness.grid import RunSpec, expand
+from harness.metrics import metric_names
 from harness.prompts import class_prompts, subject_prompts
-from harness.results import METRIC_NAMES, sort_runs
+from harness.records import (
+    ErrorRecord,
+    TrainRecord,
+    scores_header,
+    scores_name,
+    scores_record,
+    snapshot_dir,
+    write_error,
+    write_scores,
+    write_train,
+)
+from harness.results import sort_runs
+from harness.store import RunStore
 
 FIXED_DIGESTS = {"dog": "0" * 64, "cat": "1" * 64}
 HALF_WIDTH = {"clip_t": 0.01}  # interval half-widths; 0.03 for the others
-SCORES_NAME = "scores-0123abcd.json"  # the evaluator names records after a hash of their settings
+SCORES_NAME = scores_name("tiny", ["dino", "clip_i", "clip_t", "pres", "div_subject", "div_class"], 200)
 TINY_BACKBONES = {"clip": {"backbone": "tiny-clip-0", "pretrained": "random (tiny, pipeline check only)"},
                   "dino": {"backbone": "tiny-dino-0", "pretrained": "random (tiny, pipeline check only)"}}
 REAL_BACKBONES = {"clip": {"backbone": "open_clip:ViT-B-32/openai", "pretrained": "open_clip pretrained='openai'"},
@@ -60,11 +73,6 @@ BASE_VALUES: dict[str, Value] = {
 }
 REAL_VALUES: dict[str, Value] = {"dino": (0.774, 0.74, 0.80), "clip_i": (0.885, 0.86, 0.91),
                                  "div_subject": (0.35, 0.31, 0.39)}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2))
 
 
 def _png(path: Path, colour: tuple[int, int, int], seed: int, size: int = 16) -> Path:
@@ -105,22 +113,18 @@ def _images(protocol: Protocol, subject_name: str, folder: Path, colour: tuple[i
 
 def _scores(protocol: Protocol, kind: str, subject: str, run_key: str | None, step: int | None,
             values: dict[str, Value | None], images: list[dict[str, Any]], backbones: dict[str, Any]) -> dict:
-    return {
-        "schema": 1, "kind": kind, "protocol": protocol.name, "subject": subject,
-        "class_noun": protocol.subject(subject).class_noun, "identifier": protocol.subject(subject).identifier,
-        "run_key": run_key, "step": step,
-        "metrics": {m: _metric_entry(m, values.get(m), backbones) for m in METRIC_NAMES},
-        "backbones": backbones,
-        "sampler": {"name": protocol.eval.sampler, "steps": protocol.eval.steps,
-                    "guidance_scale": protocol.eval.guidance_scale, "resolution": protocol.train.resolution},
-        "images": images, "seconds": {"sampling": 1.5, "scoring": 0.25},
-    }
+    spec = protocol.subject(subject)
+    header = scores_header(kind, protocol.name, subject, spec.class_noun, spec.identifier, run_key, step)
+    sampler = {"name": protocol.eval.sampler, "steps": protocol.eval.steps,
+               "guidance_scale": protocol.eval.guidance_scale, "resolution": protocol.train.resolution}
+    metrics = {m: _metric_entry(m, values.get(m), backbones) for m in metric_names()}
+    return scores_record(header, metrics, backbones, sampler, images, {"sampling": 1.5, "scoring": 0.25})
 
 
 def write_references(protocol: Protocol, subject: str, folder: Path, backbones: dict[str, Any],
                      base_values: dict[str, Value] | None = None) -> list[Path]:
     base = folder / subject / "base_model"
-    _write_json(base / SCORES_NAME, _scores(
+    write_scores(base / SCORES_NAME, _scores(
         protocol, "base_model", subject, None, 0, base_values or BASE_VALUES,
         _images(protocol, subject, base / "images", (90, 90, 90), 0.3), backbones))
     real = folder / subject / "real_images"
@@ -130,7 +134,7 @@ def write_references(protocol: Protocol, subject: str, folder: Path, backbones: 
     record = _scores(protocol, "real_images", subject, None, None, REAL_VALUES, images, backbones)
     record["seconds"] = {"scoring": 0.1}
     record["sampler"] = None
-    _write_json(real / SCORES_NAME, record)
+    write_scores(real / SCORES_NAME, record)
     return [base / SCORES_NAME, real / SCORES_NAME]
 
 
@@ -144,33 +148,36 @@ def fabricate_study(protocol: Protocol, root: Path, *, fail_run: int | None = No
     """
     backbones = TINY_BACKBONES if tiny_backbones else REAL_BACKBONES
     runs = sort_runs(expand(protocol, FIXED_DIGESTS))
+    store = RunStore(root / "runs")
     folders, files = [], []
     for index, run in enumerate(runs):
-        folder = root / "runs" / run.run_key
+        folder = store.open(run).path
         folders.append(folder)
-        _write_json(folder / "spec.json", run.to_json())
         steps = run.snapshot_steps[:1] if index == fail_run else run.snapshot_steps
         for step in steps:
             values: dict[str, Value | None] = {
                 m: metric_value(m, run.train.prior_loss_weight, run.train.num_class_images, step / run.train.steps)
-                for m in METRIC_NAMES}
+                for m in metric_names()}
             values.update((overrides or {}).get((index, step), {}))
             colour = (40 + 60 * index % 200, 80 + 30 * step % 150, 200 - 40 * index % 160)
-            snapshot = folder / "snapshots" / f"step_{step:06d}"
-            images = _images(protocol, run.subject.name, snapshot / "images", colour, values["dino"][0])
-            files.append(snapshot / SCORES_NAME)
-            _write_json(files[-1], _scores(protocol, "snapshot", run.subject.name, run.run_key, step, values, images,
-                                           backbones))
+            snapshot = snapshot_dir(folder, "0123456789ab", step)
+            images = _images(protocol, run.subject.name, snapshot, colour, values["dino"][0])
+            files.append(write_scores(snapshot / SCORES_NAME, _scores(
+                protocol, "snapshot", run.subject.name, run.run_key, step, values, images, backbones)))
         if index == fail_run:
-            _write_json(folder / "error.json", {
-                "run_key": run.run_key, "error_type": "OutOfMemoryError", "phase": "train",
-                "message": "CUDA out of memory. Tried to allocate 2.00 GiB",
-                "traceback": "Traceback (most recent call last):\n  ...\nOutOfMemoryError: CUDA out of memory."})
+            write_error(folder, ErrorRecord(
+                run_key=run.run_key, error_type="OutOfMemoryError", phase="train",
+                message="CUDA out of memory. Tried to allocate 2.00 GiB",
+                traceback="Traceback (most recent call last):\n  ...\nOutOfMemoryError: CUDA out of memory."))
         else:
-            _write_json(folder / "train.json", {
-                "run_key": run.run_key, "final_step": run.train.steps, "seconds_per_step": 0.25,
-                "wall_seconds": 0.25 * run.train.steps + 3.0, "peak_memory_bytes": 9.5 * 2**30,
-                "optimizer": "AdamW8bit", "losses": [0.1] * run.train.steps, "device": "NVIDIA H100 80GB HBM3"})
+            write_train(folder, TrainRecord(
+                run_key=run.run_key, final_step=run.train.steps, seconds_per_step=0.25,
+                wall_seconds=0.25 * run.train.steps + 3.0, peak_memory_bytes=int(9.5 * 2**30),
+                optimizer="bitsandbytes.AdamW8bit", memory_mode=run.train.memory_mode,
+                mixed_precision=run.train.mixed_precision, resumed_from_step=0,
+                loss_history=[{"step": s + 1, "instance": 0.1, "prior": 0.1, "lr": run.train.learning_rate}
+                              for s in range(run.train.steps)],
+                device="NVIDIA H100 80GB HBM3"))
     references = root / "references"
     for subject in sorted({r.subject.name for r in runs}):
         files += write_references(protocol, subject, references, backbones, base_values)

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from harness import class_images
+from harness.backends.tiny import build_tiny_components
 from harness.class_images import PoolSpec, ensure_pool, pool_dir
 from harness.config import ClassImageSpec, ModelSpec
-from harness.models import build_tiny_components
 
 POOL = PoolSpec(model=ModelSpec(id="tiny"), prompt="a dog", resolution=32, sampler=ClassImageSpec(steps=2))
 
@@ -65,19 +65,30 @@ def test_pool_keys_change_with_each_identity_field():
 
 
 def test_reuse_and_growth_generate_only_what_is_missing(tmp_path, rendered):
+    """Images are rendered in whole aligned batches (4 on a CPU) and every image of a batch is kept."""
     loader = Loader()
     first = ensure_pool(POOL, 2, tmp_path, loader, "cpu")
-    assert rendered == [0, 1] and loader.calls == 1
+    assert rendered == [0, 1, 2, 3] and loader.calls == 1
     assert first == [pool_dir(tmp_path, POOL) / f"{i:06d}.png" for i in range(2)]
     before = [p.read_bytes() for p in first]
 
     assert ensure_pool(POOL, 2, tmp_path, loader, "cpu") == first
+    assert ensure_pool(POOL, 4, tmp_path, loader, "cpu")[:2] == first  # already rendered with the first batch
     assert ensure_pool(POOL, 1, tmp_path, loader, "cpu") == first[:1]  # a prefix of the pool
-    assert rendered == [0, 1] and loader.calls == 1  # nothing generated, the model not even loaded
+    assert rendered == [0, 1, 2, 3] and loader.calls == 1  # nothing generated, the model not even loaded
 
-    grown = ensure_pool(POOL, 4, tmp_path, loader, "cpu")
-    assert rendered == [0, 1, 2, 3] and loader.calls == 2
+    grown = ensure_pool(POOL, 5, tmp_path, loader, "cpu")
+    assert rendered == [0, 1, 2, 3, 4, 5, 6, 7] and loader.calls == 2
     assert grown[:2] == first and [p.read_bytes() for p in first] == before  # never regenerated
+
+
+@pytest.mark.slow
+def test_a_grown_pool_equals_one_rendered_at_once(tmp_path):
+    components = build_tiny_components()
+    grown = [ensure_pool(POOL, n, tmp_path / "grown", components, "cpu", batch_size=2) for n in (1, 3, 6)][-1]
+    once = ensure_pool(POOL, 6, tmp_path / "once", components, "cpu", batch_size=2)
+    for a, b in zip(grown, once, strict=True):
+        assert np.array_equal(pixels(a), pixels(b))
 
 
 def test_sidecars_and_manifest_record_seed_and_prompt(tmp_path):
@@ -88,8 +99,9 @@ def test_sidecars_and_manifest_record_seed_and_prompt(tmp_path):
         assert sidecar["seed"] == pool.image_seed(i) and sidecar["prompt"] == "a dog" and sidecar["index"] == i
         assert Image.open(path).size == (32, 32)
     manifest = json.loads((pool_dir(tmp_path, pool) / "manifest.json").read_text())
-    assert manifest["count"] == 3 and manifest["identity"] == pool.identity() and manifest["key"] == pool.key
-    assert [m["seed"] for m in manifest["images"]] == [pool.image_seed(i) for i in range(3)]
+    # A CPU renders batches of 4, and the whole batch is kept: the pool holds 4 images.
+    assert manifest["count"] == 4 and manifest["identity"] == pool.identity() and manifest["key"] == pool.key
+    assert [m["seed"] for m in manifest["images"]] == [pool.image_seed(i) for i in range(4)]
 
 
 def test_generation_resumes_image_by_image(tmp_path, rendered):
@@ -98,11 +110,12 @@ def test_generation_resumes_image_by_image(tmp_path, rendered):
     paths[1].with_suffix(".json").unlink()  # as if killed after writing the PNG, before its sidecar
     (pool_dir(tmp_path, POOL) / "manifest.json").unlink()
     ensure_pool(POOL, 3, tmp_path, build_tiny_components(), "cpu")
-    assert rendered == [0, 1, 2, 1]
-    assert np.array_equal(pixels(paths[1]), original)
-    assert json.loads((pool_dir(tmp_path, POOL) / "manifest.json").read_text())["count"] == 3
+    assert rendered == [0, 1, 2, 3, 0, 1, 2, 3]  # image 1 again, in the same batch as the first time
+    assert np.array_equal(pixels(paths[1]), original)  # so its pixels are exactly the same
+    assert json.loads((pool_dir(tmp_path, POOL) / "manifest.json").read_text())["count"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["pndm", "euler_a"])
 def test_images_do_not_depend_on_the_batch_size(tmp_path, sampler):
     """Each image has its own seed and generator. Batched float arithmetic can round differently (about 1e-6

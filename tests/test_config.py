@@ -20,7 +20,7 @@ def test_minimal_protocol_gets_documented_defaults(write_protocol):
     p = load_protocol(write_protocol(MINIMAL))
     assert p.name == "p"
     assert p.train.learning_rate == 5e-6
-    assert p.train.train_text_encoder is False
+    assert p.train.method == "dreambooth" and p.method_settings("dreambooth").train_text_encoder is False
     assert p.train.optimizer == "adamw8bit"
     assert p.train.gradient_checkpointing is True
     s = p.subjects[0]

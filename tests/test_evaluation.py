@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
+from harness.backends.tiny import build_tiny_components
 from harness.config import EvalSpec, SubjectSpec
 from harness.embedders import EmbeddingCache, make_embedders
 from harness.evaluator import Scorer, real_images_record, samples_record
-from harness.models import build_tiny_components
 from harness.sampling import eval_requests, generate, missing, read_samples, sampler_settings, samples_key
 from tests.conftest import write_images
 
@@ -100,8 +100,8 @@ def test_one_snapshot_sampled_and_scored_end_to_end(tmp_path, subject, component
 
     # Scoring again embeds nothing new: the cache answers.
     calls = []
-    original = scorer.dino.embed_images
-    scorer.dino.embed_images = lambda images: calls.append(len(images)) or original(images)
+    original = scorer.embedders["dino"].embed_images
+    scorer.embedders["dino"].embed_images = lambda images: calls.append(len(images)) or original(images)
     again = samples_record(scorer, read_samples(out, requests), real, subject, kind="snapshot", protocol="t",
                            run_key="abc", step=2, sampler={"name": "ddim"}, seconds={})
     assert calls == []

@@ -7,6 +7,7 @@ from dataclasses import replace
 from harness.class_images import plan_pools
 from harness.config import load_protocol
 from harness.grid import expand, run_identity, run_key
+from harness.methods.dreambooth import DreamBoothSettings
 from harness.plan import format_plan, make_plan
 from tests.conftest import MINIMAL, REPO, write_images
 
@@ -64,26 +65,68 @@ def test_golden_keys(write_protocol):
 
 GOLDEN_KEYS = ["kogtutzpb6eq", "7lybake3klly", "pdppienw5w2j"]
 
+# The keys of the shipped protocols' runs: the run folders of every study made so far are found under them.
+SHIPPED_KEYS = {
+    "smoke": ["7geocivp4jzs", "lvb2r7wjtdlb", "obdoxgohyc6y"],
+    "prior_ablation": ["22udk56f54d2", "bdqzdld3a5a5", "jz7lucgag5bz", "lxml3ojwcenm", "m3gtjc4bs3kn",
+                       "qkjnydaabn6r", "uy27ikvua3vo"],
+    "toy_prior_ablation": ["3xgpyl2uat2c", "muz5qqrslo7g", "nrk7fvcygilm", "nt2wtiv7qi3a"],
+}
 
-def _key(protocol, **train_changes) -> str:
+
+def test_shipped_protocols_keep_their_run_keys():
+    for name, keys in SHIPPED_KEYS.items():
+        assert sorted(r.run_key for r in expand(load_protocol(REPO / "protocols" / f"{name}.yaml"))) == keys, name
+
+
+def test_a_new_field_at_its_default_leaves_every_key_alone(write_protocol, monkeypatch):
+    """Adding a training field (or a method setting) with a default must not orphan stored runs."""
+    import dataclasses
+
+    from harness.config import TrainSpec
+
+    p = load_protocol(write_protocol(MINIMAL))
+    before = _key(p)
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(DreamBoothSettings):
+        new_setting: int = 3
+
+    assert _key(p, method=Extended()) == before
+    assert _key(p, method=Extended(new_setting=4)) != before
+
+    @dataclasses.dataclass(frozen=True)
+    class NewTrainSpec(TrainSpec):
+        new_field: float = 0.5
+
+    def key_with(train) -> str:
+        return run_key(run_identity(p.subjects[0], p.model, train, DreamBoothSettings(), p.class_images, "0" * 64))
+
+    assert key_with(NewTrainSpec(**dataclasses.asdict(p.train))) == before
+    assert key_with(NewTrainSpec(**dataclasses.asdict(p.train), new_field=0.7)) != before
+
+
+def _key(protocol, method=None, **train_changes) -> str:
     subject = protocol.subjects[0]
     train = replace(protocol.train, **train_changes)
     spec = protocol.class_images if train.uses_prior else None
-    return run_key(run_identity(subject, protocol.model, train, spec, "0" * 64))
+    settings = method or protocol.method_settings(train.method)
+    return run_key(run_identity(subject, protocol.model, train, settings, spec, "0" * 64))
 
 
 def test_keys_change_with_what_changes_the_weights(write_protocol):
     p = load_protocol(write_protocol(MINIMAL))
     base = _key(p)
     for change in [{"learning_rate": 1e-6}, {"seed": 1}, {"prior_loss_weight": 0.5}, {"num_class_images": 7},
-                   {"resolution": 64}, {"mixed_precision": "fp16"}, {"train_text_encoder": True},
+                   {"resolution": 64}, {"mixed_precision": "fp16"},
                    {"max_grad_norm": None}, {"memory_mode": "low_memory"}]:
         assert _key(p, **change) != base, change
+    assert _key(p, method=DreamBoothSettings(train_text_encoder=True)) != base
     other_model = replace(p, model=replace(p.model, revision="abc"))
     assert _key(other_model) != base
     other_subject = replace(p, subjects=(replace(p.subjects[0], identifier="zwx"),))
     assert _key(other_subject) != base
-    digest = run_key(run_identity(p.subjects[0], p.model, p.train, p.class_images, "1" * 64))
+    digest = run_key(run_identity(p.subjects[0], p.model, p.train, DreamBoothSettings(), p.class_images, "1" * 64))
     assert digest != base
 
 
@@ -99,7 +142,6 @@ def test_keys_ignore_what_does_not_change_the_weights(write_protocol, tmp_path):
                                              "q.yaml"))
     assert _key(elsewhere) == base
     # Without prior preservation, class-image settings are irrelevant.
-    assert _key(p, prior_loss_weight=0.0, num_class_images=0) == _key(p, prior_loss_weight=0.0, num_class_images=0)
     no_prior = replace(p, class_images=replace(p.class_images, steps=99))
     assert _key(no_prior, prior_loss_weight=0.0, num_class_images=0) == _key(p, prior_loss_weight=0.0,
                                                                               num_class_images=0)

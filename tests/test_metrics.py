@@ -13,6 +13,7 @@ from harness.metrics import (
     METRICS,
     ImageSet,
     MetricResult,
+    PerImageScores,
     bootstrap_ci,
     clip_t_texts,
     intervals_overlap,
@@ -84,7 +85,7 @@ def test_pres_uses_only_class_prompt_images():
     # and dino, the other way round, only looks at the subject-prompt image
     assert metric_value(changed_class, "dino") == pytest.approx(1.0)
     assert metric_value(changed_subject, "dino") == pytest.approx(0.0)
-    assert METRICS["pres"].higher_is_better is False
+    assert METRICS.get("pres").higher_is_better is False
 
 
 def test_per_image_table_has_scores_only_where_the_metric_applies():
@@ -258,11 +259,29 @@ def test_intervals_overlap():
 # Registry, unknown names, input validation
 
 
-def test_registry_names_directions_and_backbones():
-    expected = {"dino": (True, "dino"), "clip_i": (True, "clip"), "clip_t": (True, "clip"), "pres": (False, "dino"),
-                "div_subject": (True, "dino"), "div_class": (True, "dino"), "div_lpips": (True, "dino")}
-    assert {name: (m.higher_is_better, m.backbone) for name, m in METRICS.items()} == expected
-    assert all(m.description and "\n" not in m.description for m in METRICS.values())
+def test_a_registered_metric_is_scored_and_its_features_are_checked():
+    from harness.metrics import register, roles_for
+
+    @register("test_dino_mean", higher_is_better=False, backbone="dino", features=("dino",), label="TEST",
+              scale="raw cosine", description="mean DINO cosine to the real images, for every image")
+    def every_image(images):
+        scores = (images.dino.astype(np.float64) @ images.real_dino.astype(np.float64).T).mean(axis=1)
+        return PerImageScores(scores, tuple(range(len(images))))
+
+    try:
+        images = make_set(["subject", "class"], ["a sks dog", "a dog"], [0, 0], rows(E[0], E[1]),
+                          real_dino=rows(E[0], E[2]))
+        results, _ = score(images, ["test_dino_mean"], bootstrap_samples=200)
+        assert results[0].mean == pytest.approx(0.25)  # cosines 1, 0 (first image) and 0, 0 (second)
+        assert results[0].higher_is_better is False and roles_for(["test_dino_mean", "clip_t"]) == ("clip", "dino")
+        with pytest.raises(ValueError, match="registered twice"):
+            register("test_dino_mean", higher_is_better=True, backbone="dino", features=("dino",), label="x",
+                     scale="x", description="x")(every_image)
+    finally:
+        METRICS.unregister("test_dino_mean")
+    with pytest.raises(ValueError, match="unknown feature"):
+        register("test_bad", higher_is_better=True, backbone="dino", features=("depth",), label="x", scale="x",
+                 description="x")
 
 
 def test_unknown_and_unavailable_metrics_come_back_with_a_note():

@@ -18,18 +18,10 @@ from diffusers import (
     PNDMScheduler,
 )
 
+from harness.backends import ModelUnavailableError, load_components
+from harness.backends.tiny import build_clip_tokenizer, build_tiny_components
 from harness.config import ModelSpec
-from harness.models import (
-    Components,
-    ModelUnavailableError,
-    build_clip_tokenizer,
-    build_tiny_components,
-    encode_prompts,
-    load_components,
-    make_pipeline,
-    make_scheduler,
-    torch_dtype,
-)
+from harness.models import Components, encode_prompts, make_pipeline, make_scheduler
 
 PROMPTS = ["a photo of a sks dog", "A DOG's photo, on the beach!! 123", "a sks backpack in the jungle"]
 
@@ -148,25 +140,11 @@ def test_make_scheduler_classes_keep_the_model_schedule(tiny, name, cls):
     assert scheduler.config.prediction_type == "epsilon"
 
 
-def test_make_scheduler_sampler_specific_settings(tiny):
-    assert make_scheduler(tiny.scheduler_config, "pndm").config.skip_prk_steps is True
-    assert make_scheduler(tiny.scheduler_config, "dpmsolver++").config.algorithm_type == "dpmsolver++"
-    assert make_scheduler({**tiny.scheduler_config, "prediction_type": "v_prediction"},
-                          "ddim").config.prediction_type == "v_prediction"
-
-
 def test_make_scheduler_rejects_unknown_names(tiny):
     with pytest.raises(ValueError) as caught:
         make_scheduler(tiny.scheduler_config, "heun")
     for name in ("'heun'", "ddpm", "pndm", "ddim", "dpmsolver++", "euler", "euler_a"):
         assert name in str(caught.value)
-
-
-def test_torch_dtype():
-    assert torch_dtype("fp16") == torch.float16 and torch_dtype("bf16") == torch.bfloat16
-    assert torch_dtype("fp32") == torch.float32 and torch_dtype("no") == torch.float32
-    with pytest.raises(ValueError, match="fp8"):
-        torch_dtype("fp8")
 
 
 def assert_names_both_ways_out(message: str) -> None:

@@ -23,6 +23,8 @@ TRAIN = NOTEBOOKS / "train_colab.ipynb"
 INFERENCE = NOTEBOOKS / "inference.ipynb"
 KERNEL_NAME = "harness-test-python"
 
+pytestmark = pytest.mark.slow  # each notebook runs a study in a kernel: minutes on a CPU
+
 
 def current_python_kernel(folder: Path) -> KernelManager:
     """A kernel manager whose kernel is this interpreter running ipykernel, found in `folder` only."""

@@ -33,6 +33,7 @@ def study(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_runs_csv_has_one_row_per_run_and_snapshot_with_finite_metrics(study):
     protocol = load_protocol(study / "protocols" / "smoke.yaml")
     runs = expand(protocol)
@@ -50,6 +51,7 @@ def test_runs_csv_has_one_row_per_run_and_snapshot_with_finite_metrics(study):
     assert set(table.prior_loss_weight) == {0.0, 1.0}
 
 
+@pytest.mark.slow
 def test_images_and_references_csv(study):
     images = pd.read_csv(study / "results" / "smoke" / "images.csv")
     # 3 runs x 2 snapshots x 8 images, 8 base-model images and the 5 real photos
@@ -61,6 +63,7 @@ def test_images_and_references_csv(study):
     assert sorted(references.reference) == ["base_model", "real_images"]
 
 
+@pytest.mark.slow
 def test_report_links_exist_and_carry_the_banner(study):
     report = study / "reports" / "smoke" / "report.md"
     text = report.read_text()
@@ -72,6 +75,7 @@ def test_report_links_exist_and_carry_the_banner(study):
         assert (report.parent / link).is_file(), link
 
 
+@pytest.mark.slow
 def test_second_invocation_computes_nothing_and_rebuilds_identical_csvs(study, monkeypatch):
     before = {name: (study / "results" / "smoke" / name).read_bytes() for name in ("runs.csv", "images.csv")}
 
@@ -88,6 +92,7 @@ def test_second_invocation_computes_nothing_and_rebuilds_identical_csvs(study, m
     assert after == before
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_recorded_and_the_others_complete(tmp_path, monkeypatch):
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     (tmp_path / "protocols").mkdir()
@@ -126,6 +131,7 @@ def test_dry_run_and_bad_protocol_exit_codes(tmp_path, capsys):
     assert "train.resolution: must be a positive multiple of 8" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_only_rebuilds_outputs_without_models_or_backbones(study, monkeypatch):
     runs_csv = study / "results" / "smoke" / "runs.csv"
     before = runs_csv.read_bytes()
@@ -143,6 +149,7 @@ def test_report_only_rebuilds_outputs_without_models_or_backbones(study, monkeyp
     assert (study / "reports" / "smoke" / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_unknown_only_key_is_an_error(study, monkeypatch, capsys):
     monkeypatch.chdir(study)
     assert main(["protocols/smoke.yaml", "--only", "000000000000"]) == 2

@@ -194,6 +194,7 @@ def _random_toy_components():
                       scheduler_config=sd15_scheduler_config(), identity="toy-random")
 
 
+@pytest.mark.slow
 def test_the_pretrained_model_follows_held_out_captions(toy_components):
     """CLIP-T (toy CLIP) of images from fresh full captions: matched captions beat shuffled ones and a random model.
 
@@ -242,6 +243,7 @@ def test_the_dino_role_encoder_recognises_the_subject_across_settings():
 # Pretraining script
 
 
+@pytest.mark.slow
 def test_pretraining_is_deterministic_and_its_output_loads(tmp_path):
     for name in ("a", "b"):
         assert pretrain.main(["--device", "cpu", "--scale", "ci", "--out", str(tmp_path / name)]) == 0
@@ -282,7 +284,7 @@ def _toy_protocol(tmp_path: Path, **changes) -> Path:
 
 def test_the_toy_protocol_validates_with_the_weights_revision():
     protocol = load_protocol(TOY_PROTOCOL)
-    assert protocol.model.is_toyworld and protocol.model.revision == tm.weights_revision()
+    assert protocol.model.id == "toyworld" and protocol.model.revision == tm.weights_revision()
     assert protocol.eval.backbones == "toyworld"
 
 
@@ -326,6 +328,7 @@ def toy_study(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_the_toy_study_runs_end_to_end_with_toy_backbones(toy_study):
     runs = pd.read_csv(toy_study / "results" / "toy_ci" / "runs.csv")
     assert len(runs) == 8 and set(runs["status"]) == {"ok"}
@@ -343,6 +346,7 @@ def test_the_toy_study_runs_end_to_end_with_toy_backbones(toy_study):
     assert all(re.search(r"sks box|a box", p) for p in generated["prompt"])
 
 
+@pytest.mark.slow
 def test_the_verdict_pairs_prior_runs_with_the_run_that_differs_only_in_the_prior(toy_study):
     report = (toy_study / "reports" / "toy_ci" / "report.md").read_text()
     verdict = report.split("## Verdict")[1].split("## Setup")[0]

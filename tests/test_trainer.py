@@ -13,26 +13,35 @@ import pytest
 import torch
 from PIL import Image
 
-from harness import trainer
+from harness.backends.tiny import build_tiny_components
 from harness.caches import LatentBank, TrainingData, build_training_data, latent_key
 from harness.config import ClassImageSpec, ModelSpec, SubjectSpec, TrainSpec
 from harness.grid import RunSpec, run_identity, run_key
-from harness.models import build_tiny_components
+from harness.methods.dreambooth import DreamBoothSettings
 from harness.store import RunFolder, RunStore
+from harness.trainer import loop as trainer
+from harness.trainer import optimizers, randomness
 
 DIGEST = "0" * 64
 
 
-def make_run(tmp_path: Path, snapshot_steps: tuple[int, ...] = (2,), **train: object) -> RunSpec:
+def make_run(tmp_path: Path, snapshot_steps: tuple[int, ...] = (2,), train_text_encoder: bool = False,
+             **train: object) -> RunSpec:
     fields = {"resolution": 32, "mixed_precision": "no", "learning_rate": 1e-3, "num_class_images": 3,
               "steps": max(snapshot_steps), **train}
     spec = TrainSpec(**fields)
+    method = DreamBoothSettings(train_text_encoder=train_text_encoder)
     subject = SubjectSpec(name="dog", instance_dir=tmp_path, class_noun="dog")
     model = ModelSpec(id="tiny")
     class_images = ClassImageSpec(steps=2) if spec.uses_prior else None
-    key = run_key(run_identity(subject, model, spec, class_images, DIGEST))
-    return RunSpec(run_key=key, subject=subject, model=model, train=spec, class_images=class_images,
+    key = run_key(run_identity(subject, model, spec, method, class_images, DIGEST))
+    return RunSpec(run_key=key, subject=subject, model=model, train=spec, method=method, class_images=class_images,
                    snapshot_steps=snapshot_steps, instance_digest=DIGEST, varied=())
+
+
+def start(run: RunSpec, components, data: TrainingData, device: str = "cpu") -> trainer.TrainingSession:
+    """A training session of the run's method (DreamBooth here) on `components`."""
+    return trainer.start_session(trainer.make_method(run), components, data, device)
 
 
 def synthetic_data(with_class: bool = True, seed: int = 0) -> TrainingData:
@@ -67,7 +76,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 @pytest.fixture(autouse=True)
 def small_parameter_threshold(monkeypatch):
     """The tiny UNet's tensors are all small; a lower threshold gives low_memory mode both kinds to handle."""
-    monkeypatch.setattr(trainer, "HOOKED_MIN_ELEMENTS", 2000)
+    monkeypatch.setattr(optimizers, "HOOKED_MIN_ELEMENTS", 2000)
 
 
 class Recorder:
@@ -96,14 +105,16 @@ class Recorder:
 # Learning
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory_mode", ["fast", "low_memory"])
 def test_tiny_model_overfits_a_fixed_batch(tmp_path, monkeypatch, memory_mode):
     """With the same latents, noise and timesteps every step, 30 steps at lr 3e-3 cut the loss at least 50x."""
-    spec = make_run(tmp_path, (30,), learning_rate=3e-3, prior_loss_weight=0.0, memory_mode=memory_mode,
-                    max_grad_norm=None).train
+    run = make_run(tmp_path, (30,), learning_rate=3e-3, prior_loss_weight=0.0, memory_mode=memory_mode,
+                   max_grad_norm=None)
+    spec = run.train
     data = synthetic_data(with_class=False)
-    session = trainer.start_session(spec, build_tiny_components(), data, "cpu")
-    fixed = trainer.draw_step_inputs(data, spec, 0, 0.18215, 1000, torch.device("cpu"))
+    session = start(run, build_tiny_components(), data, "cpu")
+    fixed = randomness.draw_step_inputs(data, spec, 0, 0.18215, 1000, torch.device("cpu"))
     monkeypatch.setattr(trainer, "draw_step_inputs", lambda *args: fixed)
     before = trainer.compute_loss(session, fixed).total.item()
     for _ in range(30):
@@ -113,8 +124,8 @@ def test_tiny_model_overfits_a_fixed_batch(tmp_path, monkeypatch, memory_mode):
 
 
 def test_adamw8bit_is_the_real_bitsandbytes_optimizer_on_cpu(tmp_path):
-    spec = make_run(tmp_path).train
-    session = trainer.start_session(spec, build_tiny_components(), synthetic_data(), "cpu")
+    run = make_run(tmp_path)
+    session = start(run, build_tiny_components(), synthetic_data(), "cpu")
     assert isinstance(session.updater.optimizer, bnb.optim.AdamW8bit)
     assert session.optimizer_label == "bitsandbytes.AdamW8bit"
     trainer.advance(session)
@@ -124,21 +135,22 @@ def test_adamw8bit_is_the_real_bitsandbytes_optimizer_on_cpu(tmp_path):
 
 
 def test_unusable_bitsandbytes_falls_back_to_torch_adamw_with_one_warning(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(trainer, "bnb_8bit_problem", lambda device: "RuntimeError: no kernel")
-    spec = make_run(tmp_path).train
-    with caplog.at_level(logging.WARNING, logger="harness.trainer"):
-        session = trainer.start_session(spec, build_tiny_components(), synthetic_data(), "cpu")
+    monkeypatch.setattr(optimizers, "bnb_8bit_problem", lambda device: "RuntimeError: no kernel")
+    run = make_run(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="harness.trainer.optimizers"):
+        session = start(run, build_tiny_components(), synthetic_data(), "cpu")
     assert type(session.updater.optimizer) is torch.optim.AdamW
     assert "fallback" in session.optimizer_label
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "AdamW8bit" in warnings[0].message and "no kernel" in warnings[0].message
 
 
+@pytest.mark.slow
 def test_low_memory_mode_matches_fast_mode_without_clipping(tmp_path):
     results = {}
     for mode in ("fast", "low_memory"):
-        spec = make_run(tmp_path, (3,), memory_mode=mode, max_grad_norm=None).train
-        session = trainer.start_session(spec, build_tiny_components(), synthetic_data(), "cpu")
+        run = make_run(tmp_path, (3,), memory_mode=mode, max_grad_norm=None)
+        session = start(run, build_tiny_components(), synthetic_data(), "cpu")
         if mode == "low_memory":
             updater = session.updater
             assert len(updater.optimizers) + len(updater.small) == len(list(session.components.unet.parameters()))
@@ -152,10 +164,10 @@ def test_low_memory_mode_matches_fast_mode_without_clipping(tmp_path):
 @pytest.mark.filterwarnings("ignore:Full backward hook")
 @pytest.mark.parametrize("memory_mode", ["fast", "low_memory"])
 def test_low_memory_mode_never_holds_the_large_gradients(tmp_path, memory_mode):
-    spec = make_run(tmp_path, memory_mode=memory_mode).train
-    session = trainer.start_session(spec, build_tiny_components(), synthetic_data(), "cpu")
+    run = make_run(tmp_path, memory_mode=memory_mode)
+    session = start(run, build_tiny_components(), synthetic_data(), "cpu")
     unet = session.components.unet
-    large = [p for p in unet.parameters() if p.numel() >= trainer.HOOKED_MIN_ELEMENTS]
+    large = [p for p in unet.parameters() if p.numel() >= optimizers.HOOKED_MIN_ELEMENTS]
     held = []  # large gradients alive each time a layer's backward finishes
     hooks = [m.register_full_backward_hook(lambda *args: held.append(sum(p.grad is not None for p in large)))
              for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
@@ -173,23 +185,23 @@ def test_low_memory_mode_never_holds_the_large_gradients(tmp_path, memory_mode):
 def test_clip_each_bounds_every_gradient_on_its_own():
     big, small = torch.full((3, 4), 10.0), torch.full((5,), 0.001)
     expected_small = small.clone()
-    trainer.clip_each([big, small], max_norm=2.0)
+    optimizers.clip_each([big, small], max_norm=2.0)
     assert torch.linalg.vector_norm(big).item() == pytest.approx(2.0, rel=1e-5)
     assert torch.equal(small, expected_small)  # already under the bound: untouched
 
 
 def test_low_memory_mode_clips_every_parameter(tmp_path, monkeypatch):
-    spec = make_run(tmp_path, memory_mode="low_memory", max_grad_norm=1e-3).train
-    session = trainer.start_session(spec, build_tiny_components(), synthetic_data(), "cpu")
+    run = make_run(tmp_path, memory_mode="low_memory", max_grad_norm=1e-3)
+    session = start(run, build_tiny_components(), synthetic_data(), "cpu")
     assert session.updater.small and session.updater.optimizers  # both kinds of parameters exist here
     clipped = []
 
     def spy(grads, max_norm):
-        trainer.clip_each.__wrapped__(grads, max_norm)
+        optimizers.clip_each.__wrapped__(grads, max_norm)
         clipped.extend(torch.linalg.vector_norm(g).item() for g in grads)
 
-    spy.__wrapped__ = trainer.clip_each
-    monkeypatch.setattr(trainer, "clip_each", spy)
+    spy.__wrapped__ = optimizers.clip_each
+    monkeypatch.setattr(optimizers, "clip_each", spy)
     trainer.advance(session)
     assert len(clipped) == len(list(session.components.unet.parameters()))
     assert max(clipped) <= 1e-3 * 1.001
@@ -197,32 +209,33 @@ def test_low_memory_mode_clips_every_parameter(tmp_path, monkeypatch):
 
 def test_learning_rate_schedule_drives_every_optimizer():
     spec = TrainSpec(learning_rate=1.0, lr_schedule="constant_with_warmup", lr_warmup_steps=2, steps=10)
-    optimizers = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5.0) for _ in range(3)]
-    lr = trainer.LearningRate(spec, optimizers)
+    sgds = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5.0) for _ in range(3)]
+    lr = optimizers.LearningRate(spec, sgds)
     seen = []
     for _ in range(3):
-        seen.append([o.param_groups[0]["lr"] for o in optimizers])
+        seen.append([o.param_groups[0]["lr"] for o in sgds])
         lr.step()
     assert seen == [[0.0] * 3, [0.5] * 3, [1.0] * 3]
-    restored = trainer.LearningRate(spec, optimizers[:1])
+    restored = optimizers.LearningRate(spec, sgds[:1])
     restored.load_state_dict(lr.state_dict())
-    assert restored.current == 1.0 and optimizers[0].param_groups[0]["lr"] == 1.0
+    assert restored.current == 1.0 and sgds[0].param_groups[0]["lr"] == 1.0
 
 
 def test_mixed_precision_bf16_keeps_float32_weights(tmp_path):
-    spec = make_run(tmp_path, mixed_precision="bf16").train
-    session = trainer.start_session(spec, build_tiny_components(), synthetic_data(), "cpu")
+    run = make_run(tmp_path, mixed_precision="bf16")
+    session = start(run, build_tiny_components(), synthetic_data(), "cpu")
     loss = trainer.advance(session)
     assert np.isfinite(loss.instance) and np.isfinite(loss.prior)
     assert {p.dtype for p in session.components.unet.parameters()} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_text_encoder_training_v_prediction_and_min_snr(tmp_path):
-    spec = make_run(tmp_path, train_text_encoder=True, snr_gamma=5.0, offset_noise=0.1).train
+    run = make_run(tmp_path, train_text_encoder=True, snr_gamma=5.0, offset_noise=0.1)
     components = build_tiny_components()
     components.scheduler_config["prediction_type"] = "v_prediction"
     before = weights(components.text_encoder)
-    session = trainer.start_session(spec, components, synthetic_data(), "cpu")
+    session = start(run, components, synthetic_data(), "cpu")
     loss = trainer.advance(session)
     assert np.isfinite(loss.instance) and np.isfinite(loss.prior)
     after = weights(components.text_encoder)
@@ -234,11 +247,11 @@ def test_text_encoder_training_v_prediction_and_min_snr(tmp_path):
 
 
 def test_each_epoch_visits_every_image_once():
-    order = [trainer.stream_indices(5, 2, seed=3, stream="instance", step=s) for s in range(5)]
+    order = [randomness.stream_indices(5, 2, seed=3, stream="instance", step=s) for s in range(5)]
     flat = [i for batch in order for i in batch]
     assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
-    assert order == [trainer.stream_indices(5, 2, 3, "instance", s) for s in range(5)]  # a pure function
-    assert flat != [i for s in range(5) for i in trainer.stream_indices(5, 2, 4, "instance", s)]  # seed matters
+    assert order == [randomness.stream_indices(5, 2, 3, "instance", s) for s in range(5)]  # a pure function
+    assert flat != [i for s in range(5) for i in randomness.stream_indices(5, 2, 4, "instance", s)]  # seed matters
 
 
 class Untouchable:
@@ -263,6 +276,7 @@ def test_prior_weight_zero_never_touches_class_data(tmp_path):
 # The entry point: snapshots, results, determinism, resume
 
 
+@pytest.mark.slow
 def test_snapshots_fire_at_the_grid_steps_and_the_result_is_stored(tmp_path):
     run = make_run(tmp_path, (1, 3, 4))
     folder = open_folder(tmp_path, run)
@@ -281,6 +295,7 @@ def test_snapshots_fire_at_the_grid_steps_and_the_result_is_stored(tmp_path):
     assert again.steps == []
 
 
+@pytest.mark.slow
 def test_same_spec_and_seed_give_identical_weights(tmp_path):
     finals = []
     for attempt in range(2):
@@ -295,6 +310,7 @@ def test_same_spec_and_seed_give_identical_weights(tmp_path):
     assert any(not torch.equal(finals[0][k], v) for k, v in weights(other.unet).items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint_every", [None, 2])
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, checkpoint_every):
     run = make_run(tmp_path, (2, 4, 5), checkpoint_every=checkpoint_every)
@@ -329,6 +345,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, checkpo
     assert not folder.file("checkpoint").exists()  # removed once the run is done
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_at_a_pending_snapshot_samples_it_first(tmp_path):
     run = make_run(tmp_path, (2, 3), checkpoint_every=2)
     folder = open_folder(tmp_path, run)
@@ -340,6 +357,7 @@ def test_resume_from_a_checkpoint_at_a_pending_snapshot_samples_it_first(tmp_pat
     assert result.resumed_from_step == 2 and recorder.steps == [2, 3]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_past_a_pending_snapshot_is_not_used(tmp_path, monkeypatch):
     run = make_run(tmp_path, (2, 4), checkpoint_every=1)
     folder = open_folder(tmp_path, run)
@@ -353,6 +371,7 @@ def test_a_checkpoint_past_a_pending_snapshot_is_not_used(tmp_path, monkeypatch)
     assert result.resumed_from_step == 0 and recorder.steps == [2, 4]
 
 
+@pytest.mark.slow
 def test_a_done_run_replays_only_to_the_snapshot_asked_again(tmp_path):
     run = make_run(tmp_path, (1, 3))
     folder = open_folder(tmp_path, run)
@@ -364,6 +383,7 @@ def test_a_done_run_replays_only_to_the_snapshot_asked_again(tmp_path):
     assert again == stored
 
 
+@pytest.mark.slow
 def test_components_are_trained_once(tmp_path):
     run = make_run(tmp_path, (1,))
     components = build_tiny_components()
@@ -387,6 +407,7 @@ def test_out_of_memory_names_the_settings_that_help(tmp_path, monkeypatch):
         assert setting in message
 
 
+@pytest.mark.slow
 def test_save_final_writes_an_fp16_diffusers_pipeline(tmp_path):
     from safetensors import safe_open
 
