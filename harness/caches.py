@@ -6,7 +6,7 @@
 - Text embeddings: the text encoder's last hidden states of a prompt, under `<cache_dir>/text/`, keyed by the
   prompt, the model identity and the encoder dtype.
 
-The VAE and the text encoder are moved to the device only while something is missing, and back to the CPU after,
+The VAE and the text encoder are moved to the device only while something is missing, and back where they were,
 so once the caches exist training never holds them on the GPU. `build_training_data` gives the trainer everything
 it reads: the cached distributions and embeddings of one run.
 
@@ -15,9 +15,7 @@ Nothing here trains, generates class images or prepares (crops) instance images 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +24,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from harness.models import Components, encode_prompts
-from harness.store import atomic_path, file_digest
+from harness.models import Components, encode_prompts, placed
+from harness.store import atomic_path, file_digest, text_digest
 
 CACHE_VERSION = 1
 ENCODE_BATCH = 8
@@ -68,12 +66,12 @@ class TrainingData:
 
 def latent_key(image_digest: str, components: Components, resolution: int) -> str:
     text = f"v{CACHE_VERSION}|latent|{image_digest}|{components.identity}|{components.vae.dtype}|{resolution}"
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    return text_digest(text, 24)
 
 
 def text_key(prompt: str, components: Components) -> str:
     text = f"v{CACHE_VERSION}|text|{prompt}|{components.identity}|{components.text_encoder.dtype}"
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    return text_digest(text, 24)
 
 
 def latent_path(cache_dir: Path, key: str) -> Path:
@@ -107,7 +105,7 @@ def latent_bank(
     keys = [latent_key(file_digest(p), components, resolution) for p in paths]
     missing = [(p, k) for p, k in zip(paths, keys, strict=True) if not latent_path(cache_dir, k).is_file()]
     if missing:
-        with on_device(components.vae, device):
+        with placed([components.vae], device):
             for start in range(0, len(missing), ENCODE_BATCH):
                 _encode_and_store(components, missing[start : start + ENCODE_BATCH], resolution, cache_dir, device)
     stored = [load_file(str(latent_path(cache_dir, k))) for k in keys]
@@ -135,7 +133,7 @@ def text_embedding(components: Components, prompt: str, cache_dir: Path, device:
     """The frozen text encoder's embedding of `prompt`, (1, tokens, hidden) float32 on the CPU, cached on disk."""
     path = text_path(cache_dir, text_key(prompt, components))
     if not path.is_file():
-        with on_device(components.text_encoder, device):
+        with placed([components.text_encoder], device):
             embedding = encode_prompts(components, [prompt], device)[0]
         with atomic_path(path) as tmp:
             save_file({"embedding": embedding.float().cpu().contiguous()}, str(tmp))
@@ -182,13 +180,3 @@ def build_training_data(
         class_embedding=text_embedding(components, class_prompt, cache_dir, device),
         class_prompt=class_prompt,
     )
-
-
-@contextlib.contextmanager
-def on_device(module: torch.nn.Module, device: torch.device | str) -> Iterator[None]:
-    """`module` on `device` for the duration, then back on the CPU (so it holds no GPU memory afterwards)."""
-    module.to(device)
-    try:
-        yield
-    finally:
-        module.to("cpu")

@@ -13,7 +13,6 @@ and prompt), with the pool's manifest written last. `ensure_pool` is the entry p
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from harness.config import ClassImageSpec, ModelSpec
 from harness.grid import RunSpec
-from harness.store import atomic_path, atomic_write_json, read_json
+from harness.store import atomic_path, atomic_write_json, read_json, text_digest
 
 if TYPE_CHECKING:  # torch and diffusers load only when images are generated: planning stays light
     import torch
@@ -61,7 +60,7 @@ class PoolSpec:
     @property
     def key(self) -> str:
         canonical = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+        return text_digest(canonical, 12)
 
     def image_seed(self, index: int) -> int:
         """The seed of image `index`: fixed by the pool's seed and the index, independent of batching."""
@@ -275,14 +274,9 @@ def _inference_placement(components: Components, device: torch.device) -> Iterat
     """
     import torch
 
-    modules = (components.unet, components.vae, components.text_encoder)
-    before = [next(m.parameters()).device for m in modules]
-    for module in modules:
-        module.to(device)
+    from harness.models import placed
+
     half = device.type == "cuda" and components.unet.dtype == torch.float32
-    try:
-        with torch.autocast("cuda", dtype=torch.float16) if half else contextlib.nullcontext():
-            yield
-    finally:
-        for module, where in zip(modules, before, strict=True):
-            module.to(where)
+    with placed([components.unet, components.vae, components.text_encoder], device), (
+            torch.autocast("cuda", dtype=torch.float16) if half else contextlib.nullcontext()):
+        yield

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from harness.config import SubjectSpec
-from harness.store import atomic_path, atomic_write_text, file_digest
+from harness.store import atomic_path, atomic_write_text, file_digest, text_digest
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def prepare_instances(subject: SubjectSpec, resolution: int, cache_dir: Path) ->
 
 def _prep_key(digests: list[str], resolution: int) -> str:
     payload = json.dumps({"files": digests, "resolution": resolution, "prep_version": PREP_VERSION})
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return text_digest(payload)
 
 
 def _cached_names(out: Path, digests: list[str], resolution: int) -> list[str] | None:

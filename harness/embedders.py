@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from harness.backbones import BackboneSet, BackboneUnavailableError
-from harness.store import atomic_path
+from harness.data import load_rgb as load_image_file
+from harness.data import to_rgb8
+from harness.store import atomic_path, text_digest
 
 if TYPE_CHECKING:
     import torch
@@ -61,11 +63,11 @@ def _offline_message(backbone: str, library: str, cause: BaseException) -> str:
 
 
 def load_rgb(image_or_path: Image.Image | str | Path) -> Image.Image:
-    """An RGB PIL image; files are opened with their EXIF orientation applied."""
+    """An 8-bit RGB PIL image, decoded as the instance images are (data.py): EXIF orientation applied, first
+    frame, transparency on white."""
     if isinstance(image_or_path, Image.Image):
-        return image_or_path if image_or_path.mode == "RGB" else image_or_path.convert("RGB")
-    with Image.open(image_or_path) as opened:
-        return ImageOps.exif_transpose(opened).convert("RGB")
+        return image_or_path if image_or_path.mode == "RGB" else to_rgb8(image_or_path)
+    return load_image_file(Path(image_or_path))
 
 
 def pinned_dino_transform() -> Callable[[Image.Image], torch.Tensor]:
@@ -310,7 +312,7 @@ def content_hash(image: Image.Image) -> str:
 def _safe_tag(tag: str) -> str:
     # The short hash keeps tags that differ only in punctuation apart.
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", tag).strip("_")
-    return f"{readable}-{hashlib.sha256(tag.encode()).hexdigest()[:8]}"
+    return f"{readable}-{text_digest(tag, 8)}"
 
 
 class EmbeddingCache:

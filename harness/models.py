@@ -9,7 +9,8 @@ What this module does not hold: where a model comes from (harness/backends), tra
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,21 @@ def torch_dtype(name: str) -> torch.dtype:
         return _DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}.") from None
+
+
+@contextlib.contextmanager
+def placed(modules: Sequence[torch.nn.Module], device: torch.device | str,
+           dtype: torch.dtype | None = None) -> Iterator[None]:
+    """The modules on `device` (and in `dtype` when given) for the duration, then back where and as they were, so
+    a frozen part holds accelerator memory only while it works."""
+    before = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in modules]
+    for module in modules:
+        module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
+    try:
+        yield
+    finally:
+        for module, where, was in before:
+            module.to(device=where, dtype=was) if dtype is not None else module.to(where)
 
 
 def transformers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:

@@ -19,7 +19,6 @@ What this module does not hold: what is computed (trainer, evaluator) or the tab
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import traceback
@@ -28,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from harness.store import atomic_write_json
+from harness.store import atomic_write_json, text_digest
 
 SPEC_FILE = "spec.json"
 TRAIN_FILE = "train.json"
@@ -62,7 +61,7 @@ class RecordError(ValueError):
 def scores_name(backbones: str, metrics: Iterable[str], bootstrap_samples: int) -> str:
     """File name of a scores record: other backbones or metrics give another file, never a stale one."""
     identity = json.dumps([backbones, list(metrics), bootstrap_samples, SCORES_SCHEMA])
-    return f"scores-{hashlib.sha256(identity.encode()).hexdigest()[:8]}.json"
+    return f"scores-{text_digest(identity, 8)}.json"
 
 
 def snapshot_dir(run_folder: Path, samples_key: str, step: int) -> Path:

@@ -11,9 +11,8 @@ What this module does not hold: scoring (evaluator.py) or training.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.config import EvalSpec, ModelSpec, SubjectSpec
-from harness.models import Components, make_pipeline, torch_dtype
+from harness.models import Components, make_pipeline, placed, torch_dtype
 from harness.prompts import class_prompts, subject_prompts
-from harness.store import atomic_path, atomic_write_json, read_json
+from harness.store import atomic_path, atomic_write_json, read_json, text_digest
 
 SAMPLES_VERSION = 1
 
@@ -71,12 +70,12 @@ def samples_key(subject: SubjectSpec, spec: EvalSpec, settings: SamplerSettings)
         "requests": [asdict(r) for r in eval_requests(subject, spec)],
         "settings": asdict(settings),
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return text_digest(json.dumps(identity, sort_keys=True), 12)
 
 
 def base_samples_key(model: ModelSpec, subject: SubjectSpec, spec: EvalSpec, settings: SamplerSettings) -> str:
     model_id = json.dumps([model.id, model.revision, model.dtype])
-    return hashlib.sha256((model_id + samples_key(subject, spec, settings)).encode()).hexdigest()[:12]
+    return text_digest(model_id + samples_key(subject, spec, settings), 12)
 
 
 def sidecar(path: Path) -> Path:
@@ -108,19 +107,6 @@ def default_batch_size(device: torch.device, resolution: int) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     per_image = 0.6e9 * (resolution / 512) ** 2  # measured order of magnitude for SD1.5 at fp16 with guidance
     return int(max(1, min(32, (free * 0.6) // per_image)))
-
-
-@contextlib.contextmanager
-def on_device(modules: Sequence[torch.nn.Module], device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Moves modules to the device for sampling and back afterwards, freeing accelerator memory."""
-    before = {m: (next(m.parameters()).device, next(m.parameters()).dtype) for m in modules}
-    for m in before:
-        m.to(device=device, dtype=dtype)
-    try:
-        yield
-    finally:
-        for m, (dev, dt) in before.items():
-            m.to(device=dev, dtype=dt)
 
 
 def generate(
@@ -156,7 +142,7 @@ def generate(
     modules = [components.vae, components.text_encoder] + ([components.unet] if unet is None else [])
     wanted = set(todo)
     starts = sorted({requests.index(r) // batch * batch for r in todo})
-    with on_device(modules, device, dtype), autocast, torch.inference_mode():
+    with placed(modules, device, dtype), autocast, torch.inference_mode():
         bar = tqdm(total=len(todo), desc=progress, unit="img", leave=False)
         for start in starts:
             chunk = list(requests[start:start + batch])

@@ -54,6 +54,11 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def text_digest(text: str, length: int | None = None) -> str:
+    """sha256 hex of a text (its first `length` characters): the one recipe of every content key of the harness."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Writes `data` to `path` so that readers see the old file or the new one, never half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)

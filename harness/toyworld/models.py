@@ -17,7 +17,6 @@ What this module does not hold: rendering (world.py) or training (pretrain.py).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness.backbones import BackboneSet
-from harness.store import file_digest
+from harness.store import file_digest, text_digest
 from harness.toyworld.world import IMAGE_SIZE, vocabulary
 
 if TYPE_CHECKING:
@@ -236,7 +235,7 @@ def read_manifest(folder: Path = WEIGHTS_DIR) -> dict[str, Any]:
 def weights_revision(folder: Path = WEIGHTS_DIR) -> str:
     """A short digest of the shipped weights (the manifest's checksums): part of every run's identity."""
     files = read_manifest(folder)["files"]
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+    return text_digest(json.dumps(files, sort_keys=True), 12)
 
 
 @functools.lru_cache(maxsize=4)
