@@ -28,7 +28,7 @@ from PIL import Image
 from harness.backbones import BackboneSet, BackboneUnavailableError
 from harness.data import load_rgb as load_image_file
 from harness.data import to_rgb8
-from harness.store import atomic_path, text_digest
+from harness.store import atomic_path, discard, text_digest
 
 if TYPE_CHECKING:
     import torch
@@ -328,9 +328,13 @@ class EmbeddingCache:
         path = self.path(tag, image_hash)
         try:
             vector = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError):
-            return None  # absent, or unreadable: computed again and rewritten
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, EOFError) as error:
+            discard(f"cannot be read ({error})", path)  # computed again and rewritten
+            return None
         if vector.ndim != 1 or vector.dtype != np.float32 or not np.all(np.isfinite(vector)):
+            discard("is not a finite float32 vector", path)
             return None
         return vector
 
