@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.console import quiet_libraries  # light; the notebooks call run_experiment.quiet_libraries()
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -67,15 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         protocol = override_execution(load_protocol(args.protocol), execution_overrides(args))
         if args.dry_run:
+            from harness.executors import EXECUTORS
             from harness.plan import format_plan, make_plan
+            from harness.progress import longest_first
 
-            print(format_plan(make_plan(protocol)))
+            plan = make_plan(protocol)
+            print(format_plan(plan))
+            executor = EXECUTORS.get(protocol.execution.executor)
+            print("\n" + "\n".join(executor.describe(plan, tuple(longest_first(protocol, plan.runs)))))
             return 0
-        from harness.console import quiet_libraries
-
         quiet_libraries()
         from harness.backbones import BackboneUnavailableError
         from harness.backends import ModelUnavailableError
+        from harness.executors import StudyFailedError
         from harness.runner import run_protocol
 
         try:
@@ -83,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ModelUnavailableError, BackboneUnavailableError) as e:
             print(f"error: {e}", file=sys.stderr)  # the message names the ways out (network, local folder, tiny)
             return 2
+        except StudyFailedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     except (ProtocolError, InstanceDataError, ExecutionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,10 @@ from harness.models import Components, encode_prompts, placed
 from harness.store import atomic_path, discard, file_digest, lock_file, text_digest
 
 CACHE_VERSION = 1
-ENCODE_BATCH = 8
+# One image per VAE call: a batch's floating-point rounding depends on its other images, so a latent encoded in a
+# batch would depend on which images happened to be missing together (the order runs execute in, a repair). Alone,
+# every image encodes to the same bits in any order, on any worker; the cost is a few seconds, once per image.
+ENCODE_BATCH = 1
 LATENT_TENSORS = ("mean", "std")
 
 

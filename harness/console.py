@@ -82,13 +82,14 @@ class StudyView:
         self._drawn = 0
         self._last_draw = 0.0
         self._last_line = clock()
-        self._last_line_text = ""
+        self._moved = False  # a status arrived since the last progress line
 
     # -- input ----------------------------------------------------------------------------------------------------
 
     def update(self, status: WorkerStatus) -> None:
         worker = status.worker
         self.workers[worker] = status
+        self._moved = True
         self._print_messages(status)
         if status.run_key and status.activity not in ("", "starting") and status.run_key not in self._announced:
             self._announced.add(status.run_key)
@@ -137,11 +138,10 @@ class StudyView:
                 self._draw()
             return
         if now - self._last_line >= LINE_EVERY:
-            line = self.progress_line()
-            if line != self._last_line_text:
-                self.stream.write(line + "\n")
+            if self._moved:
+                self.stream.write(self.progress_line() + "\n")
                 self.stream.flush()
-                self._last_line_text = line
+                self._moved = False
             self._last_line = now
 
     def close(self) -> None:

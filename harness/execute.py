@@ -136,6 +136,7 @@ def execute_run(study: Study, run: RunSpec) -> tuple[str, str]:
     holds the run's lock."""
     folder = study.store.open(run)
     folder.file(ERROR_FILE).unlink(missing_ok=True)
+    folder.remove_leftovers()  # of a process killed while writing
     state = run_state(study, folder)
     for step in state.unscored:  # images whole but not scored (interrupted while scoring): no model needed
         score_snapshot(study, folder, step, 0.0)

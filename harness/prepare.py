@@ -44,6 +44,16 @@ def prepare(plan: Plan, study: Study, runs: Sequence[RunSpec]) -> None:
     study.reporter.activity("prepared")
 
 
+def references_ready(study: Study, runs: Sequence[RunSpec]) -> bool:
+    """Whether every reference row of the runs is on disk and whole (then collect needs no preparation)."""
+    for subject, resolution in {(r.subject, r.train.resolution) for r in runs}:
+        folder = study.base_samples_dir(subject, resolution)
+        if (usable_scores(study.real_record_path(subject)) is None or usable_scores(folder / study.record_name) is None
+                or missing(folder, eval_requests(subject, study.protocol.eval))):
+            return False
+    return True
+
+
 def grow_pool(study: Study, pool: PoolSpec, n: int) -> list[Path]:
     """The first n images of a class-image pool, generating (under the pool's lock) those missing or damaged,
     always with the base model in inference precision, so a repaired image equals the one it replaces."""

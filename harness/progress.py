@@ -12,6 +12,7 @@ What this module does not hold: drawing (console.py), or any decision about what
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -201,6 +202,26 @@ def read_status(path: Path) -> WorkerStatus | None:
         return WorkerStatus.from_json(read_json(path))
     except (OSError, ValueError, TypeError):
         return None
+
+
+class ReporterLogHandler(logging.Handler):
+    """Log records as messages of a worker's status, so the command's view prints them."""
+
+    def __init__(self, reporter: Reporter):
+        super().__init__(level=logging.INFO)
+        self.reporter = reporter
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.reporter.message(self.format(record))
+        except Exception:  # a log line must never stop the work
+            self.handleError(record)
+
+
+def forward_logs(reporter: Reporter) -> None:
+    """The harness's log records (from INFO on) also go to the command's view, through the worker's status."""
+    logging.getLogger("harness").addHandler(ReporterLogHandler(reporter))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -181,6 +181,15 @@ class RunFolder:
         with contextlib.suppress(FileNotFoundError):
             self.marker(stage).unlink()
 
+    def remove_leftovers(self) -> list[Path]:
+        """Removes the temporary files of writers that were killed mid-write (hidden files; the lock excepted).
+        Call it with the run's lock held: then no writer of this run is alive."""
+        leftovers = [p for p in self.path.rglob(".*") if p.is_file() and p.name != LOCK_FILE]
+        for path in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return leftovers
+
     def try_lock(self) -> FileLock | None:
         """The run's lock, held, or None when another process holds it (release it with `.release()`)."""
         self.path.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,11 @@ class ExecutionError(RuntimeError):
     message says what to change. Raised before any work starts."""
 
 
+class StudyFailedError(RuntimeError):
+    """A phase failed where the command could not watch it (a Slurm job); the message says which and where its log
+    is. The command ends with status 1, as for a failed run."""
+
+
 @dataclass(frozen=True)
 class StudyJob:
     """A planned study to see through: the selected runs (longest first) and, from --device, the one device of a

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from harness.console import StudyView
     from harness.grid import RunSpec
     from harness.plan import Plan
-    from harness.progress import Reporter, WorkerStatus
+    from harness.progress import WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +437,7 @@ def _work(order: WorkerOrder, queue: Any) -> None:
     import torch
 
     from harness.execute import work
-    from harness.progress import Reporter, file_publisher, reporting
+    from harness.progress import Reporter, file_publisher, forward_logs, reporting
     from harness.study import Study
 
     if order.threads:
@@ -445,30 +445,10 @@ def _work(order: WorkerOrder, queue: Any) -> None:
     reporter = Reporter(order.slot.name, order.slot.device, publish=file_publisher(order.status_path))
     study = Study.open(order.protocol, order.slot.device, reporter)
     reporter.follow_timings(lambda: study.timings.seconds)
-    _forward_logs(reporter)
+    forward_logs(reporter)
     with reporting(reporter):
         work(study, _QueueOfRuns(queue, order.runs))
     reporter.close()
-
-
-def _forward_logs(reporter: Reporter) -> None:
-    """The worker's log records go to its log file and, from INFO on for the harness, to the command's view."""
-    handler = _ReporterHandler(reporter)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    logging.getLogger("harness").addHandler(handler)
-
-
-class _ReporterHandler(logging.Handler):
-    def __init__(self, reporter: Reporter):
-        super().__init__()
-        self.reporter = reporter
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.reporter.message(self.format(record))
-        except Exception:
-            self.handleError(record)
 
 
 def _log_to(path: Path) -> None:
