@@ -88,18 +88,21 @@ class StudyView:
 
     def update(self, status: WorkerStatus) -> None:
         worker = status.worker
+        previous = self.workers.get(worker)
+        if previous is not None and (previous.pid, previous.host) != (status.pid, status.host):
+            self._finished_seen[worker] = self._messages_seen[worker] = 0  # the same worker started again
         self.workers[worker] = status
         self._moved = True
         self._print_messages(status)
+        for entry in status.finished[self._finished_seen.get(worker, 0):]:
+            self.runs_done += 1
+            self.print(f"[{self._number(entry['run_key'])}/{self.total_runs}] {entry['summary']}")
+        self._finished_seen[worker] = len(status.finished)
         if status.run_key and status.activity not in ("", "starting") and status.run_key not in self._announced:
             self._announced.add(status.run_key)
             self._work_started = self._work_started or self.clock()
             self.print(f"[{self._number(status.run_key)}/{self.total_runs}] {status.run_key} {status.label}: "
                        f"started{self._where(status)}")
-        for entry in status.finished[self._finished_seen.get(worker, 0):]:
-            self.runs_done += 1
-            self.print(f"[{self._number(entry['run_key'])}/{self.total_runs}] {entry['summary']}")
-        self._finished_seen[worker] = len(status.finished)
         if status.state == "finished":
             self.gone.add(worker)
         self.tick()
@@ -156,21 +159,21 @@ class StudyView:
             parts.append(f"ETA {duration(eta)}")
         return ", ".join(parts)
 
-    def worker_line(self, status: WorkerStatus) -> str:
-        name = f"{status.worker:<7} " if len(self.workers) > 1 else ""
+    def worker_line(self, status: WorkerStatus, bars: bool = True) -> str:
+        name = (f"{status.worker:<7} " if bars else f"{status.worker}: ") if len(self.workers) > 1 else ""
         if not status.activity:
             return f"{name}idle"
         text = f"{name}{status.run_key + ' ' if status.run_key else ''}{status.activity}"
         if status.total:
-            text += f" {progress_bar(status.done, status.total)} {status.done}/{status.total}"
+            text += f" {progress_bar(status.done, status.total)}" if bars else ""
+            text += f" {status.done}/{status.total}"
             text += f" {status.unit}" if status.unit and status.unit != "step" else ""
         if status.loss is not None and status.activity == "train":
             text += f" loss {status.loss:.4f}"
         return text
 
     def progress_line(self) -> str:
-        active = [self.worker_line(s).replace("█", "").replace("░", "").replace("  ", " ")
-                  for w, s in self.workers.items() if w not in self.gone and s.activity]
+        active = [self.worker_line(s, bars=False) for w, s in self.workers.items() if w not in self.gone and s.activity]
         return "  .. " + "; ".join([self.study_line(), *active])
 
     def eta(self) -> float | None:

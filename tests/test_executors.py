@@ -249,7 +249,7 @@ def test_the_slurm_executor_gives_the_csvs_of_a_local_run(one_worker):
             pytest.fail("HARNESS_TEST_SLURM=1 but sbatch is not on PATH; .ci/slurm-up.sh starts a cluster")
         pytest.skip("no Slurm here (sbatch is not on PATH); .ci/slurm-up.sh starts a one-node cluster, as CI does")
     # Not under /tmp: the executor refuses folders the nodes could not see.
-    root = make_study(REPO / ".pytest-slurm" / f"study-{os.getpid()}")
+    root = make_study(Path.home() / ".cache" / "harness-test-slurm" / f"study-{os.getpid()}")
     try:
         flags = ("--executor", "slurm", "--execution", "gpus_per_task=0", "--execution", "time_limit=30")
         process = command(root, *flags)

@@ -162,7 +162,6 @@ class WorkerOrder:
     slot: Slot
     status_path: Path
     log_path: Path
-    threads: int | None = None  # torch CPU threads (CPU workers share the cores)
 
 
 def run_workers(job: StudyJob, slots: list[Slot]) -> StudyOutcome:
@@ -183,7 +182,7 @@ def run_workers(job: StudyJob, slots: list[Slot]) -> StudyOutcome:
         prepare(job.plan, study, job.runs)
         study.release_models()  # the GPU goes to the workers
         reporter.close()
-        pool = WorkerPool(job, slots, folder, view, threads=_cpu_threads(slots))
+        pool = WorkerPool(job, slots, folder, view)
         try:
             pool.run()
         except KeyboardInterrupt:
@@ -205,11 +204,6 @@ def _visible_index(visible: str) -> int:
     return ids.index(visible) if ids else int(visible)
 
 
-def _cpu_threads(slots: list[Slot]) -> int | None:
-    cpu_workers = sum(1 for s in slots if s.device == "cpu")
-    return max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers > 1 else None
-
-
 def _remove_folder(folder: Path) -> None:
     for path in folder.glob("*"):
         with contextlib.suppress(OSError):
@@ -221,14 +215,13 @@ def _remove_folder(folder: Path) -> None:
 class WorkerPool:
     """The worker processes of one invocation, the queue they share, and what the view learns from them."""
 
-    def __init__(self, job: StudyJob, slots: list[Slot], folder: Path, view: StudyView, threads: int | None):
+    def __init__(self, job: StudyJob, slots: list[Slot], folder: Path, view: StudyView):
         import multiprocessing
 
         self.job = job
         self.slots = slots
         self.folder = folder
         self.view = view
-        self.threads = threads
         self.context = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA starts in the child
         self.queue = self.context.Queue()
         for run in job.runs:
@@ -258,8 +251,7 @@ class WorkerPool:
         name = slot.name if self.started <= len(self.slots) else f"{slot.name}#{self.started - len(self.slots)}"
         self.queue.put(None)  # this worker's end of the queue
         order = WorkerOrder(protocol=self.job.plan.protocol, runs=self.job.runs, slot=replace(slot, name=name),
-                            status_path=self.folder / f"{name}.json", log_path=self.folder / f"{name}.log",
-                            threads=self.threads if slot.device == "cpu" else None)
+                            status_path=self.folder / f"{name}.json", log_path=self.folder / f"{name}.log")
         process = self.context.Process(target=worker_main, args=(order, self.queue), name=f"harness-{name}",
                                        daemon=False)
         with _environment(CUDA_VISIBLE_DEVICES=slot.visible):
@@ -431,18 +423,17 @@ def worker_main(order: WorkerOrder, queue: Any) -> None:
 
 
 def _work(order: WorkerOrder, queue: Any) -> None:
+    # CPU workers keep torch's default thread count: fewer threads would change the numbers' last bits.
+    from harness.progress import Reporter, file_publisher, forward_logs, reporting
+
+    reporter = Reporter(order.slot.name, order.slot.device, publish=file_publisher(order.status_path))
+    reporter.activity("starting (loading libraries)")
     from harness.console import quiet_libraries
 
     quiet_libraries()
-    import torch
-
     from harness.execute import work
-    from harness.progress import Reporter, file_publisher, forward_logs, reporting
     from harness.study import Study
 
-    if order.threads:
-        torch.set_num_threads(order.threads)
-    reporter = Reporter(order.slot.name, order.slot.device, publish=file_publisher(order.status_path))
     study = Study.open(order.protocol, order.slot.device, reporter)
     reporter.follow_timings(lambda: study.timings.seconds)
     forward_logs(reporter)

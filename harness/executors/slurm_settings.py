@@ -6,7 +6,7 @@ Nothing here submits anything or imports submitit; the dry run shows what is com
 
 from __future__ import annotations
 
-import sys
+import shlex
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -35,8 +35,6 @@ def shared_folders(protocol: Any) -> dict[str, Path]:
     folders["execution.log_dir"] = protocol.execution.log_dir
     for i, subject in enumerate(protocol.subjects):
         folders[f"subjects[{i}].instance_dir"] = Path(subject.instance_dir)
-    folders["the harness (this repository)"] = REPO
-    folders["the Python environment"] = Path(sys.prefix)
     return folders
 
 
@@ -98,4 +96,4 @@ def sbatch_lines(params: dict[str, Any], dependency: str | None = None, array: s
 
 def setup_lines(spec: Any) -> list[str]:
     """Shell lines each job runs before Python: the harness importable wherever the job starts, then the user's."""
-    return [f'export PYTHONPATH="{REPO}${{PYTHONPATH:+:$PYTHONPATH}}"', *spec.setup]
+    return [f'export PYTHONPATH={shlex.quote(str(REPO))}"${{PYTHONPATH:+:$PYTHONPATH}}"', *spec.setup]
