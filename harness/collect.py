@@ -19,7 +19,7 @@ from harness.grid import RunSpec
 from harness.plan import Plan
 from harness.records import ERROR_FILE, SPEC_FILE, RecordError, read_error, read_object, usable_scores, usable_train
 from harness.store import discard
-from harness.study import Study
+from harness.study import Study, shared_lock
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def collect(plan: Plan, study: Study) -> tuple[Path, Path]:
 
     runs = list(plan.runs)
     study.reporter.activity("results and report")
-    with study.timings.phase("results and report"):
+    with study.timings.phase("results and report"), \
+            shared_lock(plan.protocol.results_dir, "the results and the report", study.reporter):
         folders, scores = record_paths(study, runs)
         records = load_records(folders, scores)
         results = write_results(plan.protocol, runs, records, timings=dict(study.timings.seconds))

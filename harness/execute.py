@@ -165,7 +165,8 @@ def execute_run(study: Study, run: RunSpec) -> tuple[str, str]:
 
 
 def record_failure(study: Study, run: RunSpec, error: BaseException) -> str:
-    folder = study.store.open(run)
+    folder = study.store.folder(run)  # not open(): the failure may be that the folder holds another run
+    folder.path.mkdir(parents=True, exist_ok=True)
     write_error(folder.path, ErrorRecord.of(run.run_key, error))
     return f"{run.run_key} FAILED: {type(error).__name__}: {error}"
 

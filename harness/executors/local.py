@@ -188,6 +188,8 @@ def run_workers(job: StudyJob, slots: list[Slot]) -> StudyOutcome:
         except KeyboardInterrupt:
             pool.stop()
             raise
+        finally:
+            pool.close()
         study.timings.add(pool.timings())
         study.reporter = Reporter("collect", "cpu", publish=view.update)
         results, report = collect(job.plan, study)
@@ -320,6 +322,10 @@ class WorkerPool:
                 total[phase] = total.get(phase, 0.0) + seconds
         return total
 
+    def close(self) -> None:
+        self.queue.close()
+        self.queue.cancel_join_thread()  # end markers of workers that died stay unread
+
     def stop(self) -> None:
         """Stops every worker: SIGINT (each stops where it is), then SIGTERM, then SIGKILL for the stragglers."""
         alive = [p for p in self.processes.values() if p.is_alive()]
@@ -415,11 +421,20 @@ def worker_main(order: WorkerOrder, queue: Any) -> None:
     """A worker process: executes runs from the queue, publishing its status, until the queue says stop."""
     _stop_with_parent()
     _log_to(order.log_path)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C: files stay whole
+    signal.signal(signal.SIGINT, _interrupt_once)  # Ctrl-C reaches the workers and the command alike
+    signal.signal(signal.SIGTERM, _interrupt_once)
     try:
         _work(order, queue)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """Stops the worker where it is, as Ctrl-C does; a second signal (the command passing Ctrl-C on) is ignored,
+    so the clean-up of half-written files is not cut short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _work(order: WorkerOrder, queue: Any) -> None:

@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from harness.executors import Executor, StudyJob, StudyOutcome
+from harness.executors import ExecutionError, Executor, StudyJob, StudyOutcome
 from harness.executors.slurm_settings import (
     absolute_outputs,
     local_only_reason,
@@ -79,6 +79,10 @@ class SlurmExecutor(Executor):
 
     def run(self, job: StudyJob) -> StudyOutcome:
         from harness.executors.slurm_jobs import submit_and_wait
+
+        if job.device is not None:
+            raise ExecutionError("--device picks the device of a local worker; Slurm gives each job its GPUs "
+                                 "(execution.gpus_per_task). Leave out --device, or use --executor local.")
 
         protocol = absolute_outputs(job.plan.protocol)
         plan = replace(job.plan, protocol=protocol)
