@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.console import quiet_libraries  # light; the notebooks call run_experiment.quiet_libraries()
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -20,43 +22,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the CSVs and the report from the run folders; train and generate nothing")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    execution = parser.add_argument_group("where the runs execute (overrides the protocol's execution: section)")
+    execution.add_argument("--executor", metavar="NAME",
+                           help="local (default: workers on this machine) or slurm (a job array through submitit)")
+    execution.add_argument("--gpus", metavar="0,1", help="local: the GPUs to use, one worker each (default: all)")
+    execution.add_argument("--workers", metavar="N", help="local: worker processes (default: one per GPU; one "
+                                                          "in this process without a GPU)")
+    execution.add_argument("--execution", metavar="KEY=VALUE", action="append", default=[],
+                           help="any execution setting, e.g. partition=gpu, time_limit=120, mem_gb=32 (repeatable)")
     return parser.parse_args(argv)
 
 
-def quiet_libraries() -> None:
-    """Keeps the libraries' informational chatter (dtype casts, deprecations) out of the progress output."""
-    import logging
-    import warnings
+def execution_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The execution settings given on the command line, read as YAML values (so numbers and lists parse)."""
+    import yaml
 
-    import diffusers
-    import transformers
+    from harness.executors import ExecutionError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("harness").setLevel(logging.INFO)
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars for a few MB
-    for name in ("huggingface_hub", "timm", "open_clip", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    def value_of(flag: str, text: str) -> object:
+        try:
+            return yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ExecutionError(f"{flag}: {text!r} is not a value; quote it or write it as in the protocol "
+                                 "(a number, a word, a list like [a, b]).") from None
+
+    values: dict[str, object] = {}
+    for item in args.execution:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ExecutionError(f"--execution {item}: write KEY=VALUE, e.g. --execution partition=gpu.")
+        values[key.strip()] = value_of(f"--execution {item}", value)
+    for key, value in (("executor", args.executor), ("workers", args.workers)):
+        if value is not None:
+            values[key] = value_of(f"--{key}", value)
+    if args.gpus is not None:
+        values["gpus"] = [value_of("--gpus", g) for g in args.gpus.split(",") if g.strip()]
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from harness.config import ProtocolError, load_protocol
+    from harness.config import ProtocolError, load_protocol, override_execution
     from harness.data import InstanceDataError
+    from harness.executors import ExecutionError
 
     try:
-        protocol = load_protocol(args.protocol)
+        protocol = override_execution(load_protocol(args.protocol), execution_overrides(args))
         if args.dry_run:
+            from harness.executors import EXECUTORS
             from harness.plan import format_plan, make_plan
+            from harness.progress import longest_first
 
-            print(format_plan(make_plan(protocol)))
+            plan = make_plan(protocol)
+            print(format_plan(plan))
+            executor = EXECUTORS.get(protocol.execution.executor)
+            print("\n" + "\n".join(executor.describe(plan, tuple(longest_first(protocol, plan.runs)))))
             return 0
         quiet_libraries()
         from harness.backbones import BackboneUnavailableError
         from harness.backends import ModelUnavailableError
+        from harness.executors import StudyFailedError
         from harness.runner import run_protocol
 
         try:
@@ -64,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ModelUnavailableError, BackboneUnavailableError) as e:
             print(f"error: {e}", file=sys.stderr)  # the message names the ways out (network, local folder, tiny)
             return 2
-    except (ProtocolError, InstanceDataError) as e:
+        except StudyFailedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    except (ProtocolError, InstanceDataError, ExecutionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

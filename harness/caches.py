@@ -8,7 +8,9 @@
 
 The VAE and the text encoder are moved to the device only while something is missing, and back where they were,
 so once the caches exist training never holds them on the GPU. `build_training_data` gives the trainer everything
-it reads: the cached distributions and embeddings of one run.
+it reads: the cached distributions and embeddings of one run. A cache file that cannot be read back (cut short,
+damaged) is named in the log, removed and computed again; missing entries are computed under a lock, so processes
+that share the cache compute each entry once.
 
 Nothing here trains, generates class images or prepares (crops) instance images (data.py does that).
 """
@@ -25,10 +27,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from harness.models import Components, encode_prompts, placed
-from harness.store import atomic_path, file_digest, text_digest
+from harness.store import atomic_path, discard, file_digest, lock_file, text_digest
 
 CACHE_VERSION = 1
-ENCODE_BATCH = 8
+# One image per VAE call: a batch's floating-point rounding depends on its other images, so a latent encoded in a
+# batch would depend on which images happened to be missing together (the order runs execute in, a repair). Alone,
+# every image encodes to the same bits in any order, on any worker; the cost is a few seconds, once per image.
+ENCODE_BATCH = 1
+LATENT_TENSORS = ("mean", "std")
 
 
 @dataclass(frozen=True)
@@ -98,18 +104,42 @@ def load_image_tensor(path: Path, resolution: int) -> torch.Tensor:
     return pixels / 127.5 - 1.0
 
 
+def read_cached(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+    """The tensors `names` of a cache file, or None when it is absent or cannot be read back (then it is removed,
+    named in the log)."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error type, OSError or ValueError on damaged files
+        discard(f"cannot be read ({type(error).__name__}: {error})", path)
+        return None
+    if any(name not in tensors for name in names):
+        discard(f"lacks {', '.join(n for n in names if n not in tensors)}", path)
+        return None
+    return tensors
+
+
 def latent_bank(
     components: Components, paths: Sequence[Path], resolution: int, cache_dir: Path, device: torch.device | str
 ) -> LatentBank:
     """The latent distributions of `paths`, encoding (in batches) only the images not cached yet."""
     keys = [latent_key(file_digest(p), components, resolution) for p in paths]
-    missing = [(p, k) for p, k in zip(paths, keys, strict=True) if not latent_path(cache_dir, k).is_file()]
-    if missing:
-        with placed([components.vae], device):
-            for start in range(0, len(missing), ENCODE_BATCH):
-                _encode_and_store(components, missing[start : start + ENCODE_BATCH], resolution, cache_dir, device)
-    stored = [load_file(str(latent_path(cache_dir, k))) for k in keys]
-    return LatentBank(mean=torch.stack([s["mean"] for s in stored]), std=torch.stack([s["std"] for s in stored]))
+    stored = {k: read_cached(latent_path(cache_dir, k), LATENT_TENSORS) for k in keys}
+    if any(v is None for v in stored.values()):
+        with lock_file(Path(cache_dir) / "latents" / ".lock"):
+            # Another process may have encoded them while this one waited.
+            stored = {k: v if v is not None else read_cached(latent_path(cache_dir, k), LATENT_TENSORS)
+                      for k, v in stored.items()}
+            missing = [(p, k) for p, k in zip(paths, keys, strict=True) if stored[k] is None]
+            if missing:
+                with placed([components.vae], device):
+                    for start in range(0, len(missing), ENCODE_BATCH):
+                        _encode_and_store(components, missing[start : start + ENCODE_BATCH], resolution, cache_dir,
+                                          device)
+        stored = {k: v if v is not None else load_file(str(latent_path(cache_dir, k))) for k, v in stored.items()}
+    return LatentBank(mean=torch.stack([stored[k]["mean"] for k in keys]),
+                      std=torch.stack([stored[k]["std"] for k in keys]))
 
 
 def _encode_and_store(
@@ -132,12 +162,17 @@ def _encode_and_store(
 def text_embedding(components: Components, prompt: str, cache_dir: Path, device: torch.device | str) -> torch.Tensor:
     """The frozen text encoder's embedding of `prompt`, (1, tokens, hidden) float32 on the CPU, cached on disk."""
     path = text_path(cache_dir, text_key(prompt, components))
-    if not path.is_file():
-        with placed([components.text_encoder], device):
-            embedding = encode_prompts(components, [prompt], device)[0]
-        with atomic_path(path) as tmp:
-            save_file({"embedding": embedding.float().cpu().contiguous()}, str(tmp))
-    return load_file(str(path))["embedding"].unsqueeze(0)
+    stored = read_cached(path, ("embedding",))
+    if stored is None:
+        with lock_file(path.parent / ".lock"):
+            stored = read_cached(path, ("embedding",))
+            if stored is None:
+                with placed([components.text_encoder], device):
+                    embedding = encode_prompts(components, [prompt], device)[0]
+                with atomic_path(path) as tmp:
+                    save_file({"embedding": embedding.float().cpu().contiguous()}, str(tmp))
+                stored = load_file(str(path))
+    return stored["embedding"].unsqueeze(0)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ first n images of its pool; asking for more grows the pool, it never regenerates
 
 This module holds the pool identity and the planning of pools, and below them the generation: batched (the batch
 never changes an image: each image has its own seed, PoolSpec.image_seed, and its own generator), in half
-precision on a GPU, resumable image by image (each PNG is written atomically with a JSON sidecar holding its seed
-and prompt), with the pool's manifest written last. `ensure_pool` is the entry point.
+precision on a GPU, resumable image by image (each PNG is written atomically with a JSON sidecar holding its seed,
+prompt and size, so a damaged image is found and rendered again), with the pool's manifest written last.
+`ensure_pool` is the entry point.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from PIL import Image
-from tqdm.auto import tqdm
 
 from harness.config import ClassImageSpec, ModelSpec
 from harness.grid import RunSpec
-from harness.store import atomic_path, atomic_write_json, read_json, text_digest
+from harness.progress import bar
+from harness.store import atomic_path, atomic_write_json, discard, png_problem, read_json, text_digest
 
 if TYPE_CHECKING:  # torch and diffusers load only when images are generated: planning stays light
     import torch
@@ -109,9 +110,21 @@ def sidecar_path(png: Path) -> Path:
 
 
 def is_present(folder: Path, index: int) -> bool:
-    """Image `index` is complete: its sidecar is written after its PNG."""
+    """Image `index` is complete: its sidecar (written after its PNG) exists and the PNG is whole, of the size the
+    sidecar records. A damaged image is removed with its sidecar (one log line), so it is rendered again."""
     png = image_path(folder, index)
-    return sidecar_path(png).is_file() and png.is_file()
+    if not sidecar_path(png).is_file():
+        return False
+    try:
+        written = read_json(sidecar_path(png)).get("bytes")
+    except (OSError, ValueError, AttributeError):
+        discard("has a damaged sidecar", png, sidecar_path(png))
+        return False
+    problem = png_problem(png, written)
+    if problem:
+        discard(problem, png, sidecar_path(png))
+        return False
+    return True
 
 
 def missing_indices(folder: Path, n: int) -> list[int]:
@@ -179,7 +192,12 @@ def aligned_batch(index: int, batch: int) -> list[int]:
 
 def _check_manifest(folder: Path, pool: PoolSpec) -> None:
     path = folder / MANIFEST
-    if path.is_file() and read_json(path).get("identity") != pool.identity():
+    try:
+        identity = read_json(path).get("identity") if path.is_file() else pool.identity()
+    except (OSError, ValueError, AttributeError):
+        discard("is damaged", path)  # written again from the images' sidecars
+        return
+    if identity != pool.identity():
         raise RuntimeError(f"{path} describes a different class-image pool than key {pool.key}; its images cannot "
                            f"be trusted. Delete the folder {folder} and run again.")
 
@@ -211,7 +229,7 @@ def generate_images(
     pipe = make_pipeline(components, pool.sampler.sampler)
     batch = batch_size or default_batch_size(device, pool.resolution)
     pending = sorted(set(indices))
-    bar = tqdm(total=len(pending), desc=f"class images {pool.prompt!r}", unit="img")
+    images_bar = bar(total=len(pending), desc=f"class images {pool.prompt!r}", leave=True)
     # PNG encoding runs in threads (zlib releases the GIL) while the GPU renders the next batch.
     with _inference_placement(components, device), torch.inference_mode(), ThreadPoolExecutor(SAVE_THREADS) as writers:
         saving: list[Future] = []
@@ -224,18 +242,18 @@ def generate_images(
                     raise
                 batch = _halve_batch(batch, explicit=batch_size is not None)
                 continue
-            _wait(saving, bar)  # the previous batch: at most two batches of images wait in memory
+            _wait(saving, images_bar)  # the previous batch: at most two batches of images wait in memory
             saving = [writers.submit(save_image, folder, pool, index, image, batch)
                       for index, image in zip(chunk, images, strict=True) if not is_present(folder, index)]
             pending = [i for i in pending if i not in chunk]
-        _wait(saving, bar)
-    bar.close()
+        _wait(saving, images_bar)
+    images_bar.close()
 
 
-def _wait(futures: list[Future], bar: tqdm) -> None:
+def _wait(futures: list[Future], images_bar: Any) -> None:
     for future in futures:
         future.result()  # re-raises a failed write
-    bar.update(len(futures))
+    images_bar.update(len(futures))
 
 
 def _halve_batch(batch: int, explicit: bool) -> int:
@@ -262,7 +280,7 @@ def save_image(folder: Path, pool: PoolSpec, index: int, image: Image.Image, bat
         image.save(tmp, format="PNG")
     atomic_write_json(sidecar_path(png), {"index": index, "seed": pool.image_seed(index), "prompt": pool.prompt,
                                           "negative_prompt": pool.sampler.negative_prompt, "pool": pool.key,
-                                          "batch_size": batch_size})
+                                          "batch_size": batch_size, "bytes": png.stat().st_size})
 
 
 @contextlib.contextmanager

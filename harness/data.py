@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from harness.config import SubjectSpec
-from harness.store import atomic_path, atomic_write_text, file_digest, text_digest
+from harness.store import atomic_path, atomic_write_text, file_digest, png_problem, text_digest
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,8 @@ def prepare_instances(subject: SubjectSpec, resolution: int, cache_dir: Path) ->
     """Square RGB PNGs of the subject's photos at `resolution`, in cache_dir/instances/<key>/NN.png.
 
     The key covers the photos' bytes, the resolution and PREP_VERSION; a complete cache entry (its manifest.json
-    is written last) is reused without decoding anything.
+    is written last, with each PNG's size) is reused without decoding anything, and prepared again when one of its
+    PNGs is damaged.
     """
     folder = Path(subject.instance_dir)
     files = list_instance_files(folder) if folder.is_dir() else []
@@ -266,16 +267,27 @@ def _prep_key(digests: list[str], resolution: int) -> str:
 
 def _cached_names(out: Path, digests: list[str], resolution: int) -> list[str] | None:
     """The prepared file names of a complete cache entry for exactly these sources, else None."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        return None
     try:
-        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
         images = manifest["images"]
         if (manifest["prep_version"] != PREP_VERSION or manifest["resolution"] != resolution
                 or [image["source_digest"] for image in images] != digests):
             return None
         names = [image["file"] for image in images]
-    except (OSError, ValueError, KeyError, TypeError):
+        problems = [(name, png_problem(out / name, image.get("bytes"))) for name, image in zip(names, images,
+                                                                                                strict=True)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        logger.warning("%s is damaged (%s); preparing the instance images again.", path, error)
         return None
-    return names if all((out / name).is_file() for name in names) else None
+    damaged = [f"{out / name} {problem}" for name, problem in problems if problem]
+    if damaged:
+        logger.warning("prepared instance image(s) damaged: %s; preparing them again from the photos.",
+                       "; ".join(damaged))
+        return None
+    return names
 
 
 def _prepare_into(out: Path, files: list[Path], resolution: int) -> list[str]:
@@ -294,7 +306,8 @@ def _write_manifest(out: Path, digests: list[str], names: list[str], resolution:
     manifest = {
         "prep_version": PREP_VERSION,
         "resolution": resolution,
-        "images": [{"file": name, "source_digest": digest} for name, digest in zip(names, digests, strict=True)],
+        "images": [{"file": name, "source_digest": digest, "bytes": (out / name).stat().st_size}
+                   for name, digest in zip(names, digests, strict=True)],
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
 

@@ -6,7 +6,8 @@ raises `BackboneUnavailableError` with the way out. Tiny variants have the same 
 fixed by a seed: they make every code path run offline and say nothing about images.
 
 Every embedding is a float32 row, L2-normalised, so a dot product is a raw cosine in [-1, 1].
-`embed_with_cache` stores one vector per (embedder tag, image content hash) and computes only what is missing.
+`embed_with_cache` stores one vector per (embedder tag, image content hash) and computes only what is missing, in
+aligned batches, so a vector computed again is the same as the first.
 
 What this module does not hold: the metric math (metrics.py) and the choice of images to score (evaluator.py).
 """
@@ -28,7 +29,7 @@ from PIL import Image
 from harness.backbones import BackboneSet, BackboneUnavailableError
 from harness.data import load_rgb as load_image_file
 from harness.data import to_rgb8
-from harness.store import atomic_path, text_digest
+from harness.store import atomic_path, discard, text_digest
 
 if TYPE_CHECKING:
     import torch
@@ -328,9 +329,13 @@ class EmbeddingCache:
         path = self.path(tag, image_hash)
         try:
             vector = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError):
-            return None  # absent, or unreadable: computed again and rewritten
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, EOFError) as error:
+            discard(f"cannot be read ({error})", path)  # computed again and rewritten
+            return None
         if vector.ndim != 1 or vector.dtype != np.float32 or not np.all(np.isfinite(vector)):
+            discard("is not a finite float32 vector", path)
             return None
         return vector
 
@@ -343,27 +348,25 @@ class EmbeddingCache:
 
 def embed_with_cache(embedder: Embedder, images_or_paths: Iterable[Image.Image | str | Path],
                      cache: EmbeddingCache) -> np.ndarray:
-    """Embeddings of the images (N, D), computing only those not cached for this embedder, in full batches."""
-    rows: list[np.ndarray | None] = []
-    pending: list[tuple[int, str, Image.Image]] = []
+    """Embeddings of the images (N, D), computing only those not cached for this embedder.
 
-    def flush() -> None:
-        vectors = embedder.embed_images([image for _, _, image in pending])
-        for (index, image_hash, _), vector in zip(pending, vectors, strict=True):
-            cache.put(embedder.tag, image_hash, vector)
-            rows[index] = vector
-        pending.clear()
-
-    for item in images_or_paths:
-        image = load_rgb(item)
-        image_hash = content_hash(image)
-        rows.append(cache.get(embedder.tag, image_hash))
-        if rows[-1] is None:
-            pending.append((len(rows) - 1, image_hash, image))
-            if len(pending) == embedder.batch_size:
-                flush()
-    if pending:
-        flush()
+    The images are embedded in aligned batches of the list ([k*batch, (k+1)*batch)): a batch with any image missing
+    from the cache is embedded whole, so an embedding computed again (after a kill, or a damaged cache file) comes
+    from the same batch as the first time and is the same to the last bit.
+    """
+    items = list(images_or_paths)
+    rows: list[np.ndarray] = []
+    for start in range(0, len(items), embedder.batch_size):
+        images = [load_rgb(item) for item in items[start:start + embedder.batch_size]]
+        hashes = [content_hash(image) for image in images]
+        cached = [cache.get(embedder.tag, image_hash) for image_hash in hashes]
+        if any(vector is None for vector in cached):
+            computed = embedder.embed_images(images)
+            for image_hash, vector, new in zip(hashes, cached, computed, strict=True):
+                if vector is None:
+                    cache.put(embedder.tag, image_hash, new)
+            cached = [new if vector is None else vector for vector, new in zip(cached, computed, strict=True)]
+        rows.extend(cached)
     if not rows:
         return np.zeros((0, embedder.dim), dtype=np.float32)
     return np.stack(rows)

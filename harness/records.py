@@ -10,8 +10,10 @@ A run folder holds
     <stage>.DONE                    markers, written last
 and reference records (real images, base model) live in the cache with the same scores format.
 
-The trainer, the evaluator and the runner write through this module and results.py reads through it, so the
-format is spelled once. Readers validate what they read and name the file of any damaged record (`RecordError`).
+The trainer, the evaluator and the phases write through this module and results.py reads through it, so the
+format is spelled once. Readers validate what they read and name the file of any damaged record (`RecordError`);
+`usable_scores` and `usable_train` are the checks a phase makes before trusting a record: a damaged one is named in
+one log line and removed, so the stage that wrote it writes it again.
 
 What this module does not hold: what is computed (trainer, evaluator) or the tables built from records (results).
 """
@@ -27,7 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from harness.store import atomic_write_json, text_digest
+from harness.store import atomic_write_json, discard, text_digest
 
 SPEC_FILE = "spec.json"
 TRAIN_FILE = "train.json"
@@ -48,6 +50,7 @@ class RecordError(ValueError):
 
     def __init__(self, path: Path, problem: str):
         self.path = Path(path)
+        self.problem = problem
         super().__init__(
             f"{path}: {problem}. The file is damaged or was written by another version of the harness; delete it "
             "(and the DONE marker of the stage that wrote it) and run the protocol again to rewrite it."
@@ -113,6 +116,18 @@ def read_train(folder: Path) -> TrainRecord:
         return TrainRecord.from_json(data)
     except TypeError as e:
         raise RecordError(path, f"lacks a field ({e})") from None
+
+
+def usable_train(folder: Path) -> TrainRecord | None:
+    """train.json of a run, or None when it is absent or damaged (then it is removed: training writes it again)."""
+    path = Path(folder) / TRAIN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return read_train(folder)
+    except RecordError as error:
+        discard(error.problem, path)
+        return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -349,6 +364,19 @@ def read_scores(path: Path) -> ScoreRecord:
         seconds={k: v for k, v in ((k, _number(path, f"seconds.{k}", v)) for k, v in seconds.items())
                  if v is not None},
     )
+
+
+def usable_scores(path: Path) -> ScoreRecord | None:
+    """The scores record at `path`, or None when it is absent or damaged (then it is removed: scoring writes it
+    again)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return read_scores(path)
+    except RecordError as error:
+        discard(error.problem, path)
+        return None
 
 
 # --------------------------------------------------------------------------------------------------------------

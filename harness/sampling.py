@@ -2,8 +2,8 @@
 
 `eval_requests` lists what to generate for a subject (subject prompts x seeds, class prompts x seeds);
 `generate` renders the missing ones in batches and writes each as a PNG with a JSON sidecar (prompt, seed, run key,
-step, sampler). Every image has its own generator, so an image never depends on the batch it was rendered in, and a
-sampling pass killed half way resumes image by image.
+step, sampler, the PNG's size). Every image has its own generator, so an image never depends on the batch it was
+rendered in, and a sampling pass killed half way resumes image by image; a damaged image is rendered again.
 
 What this module does not hold: scoring (evaluator.py) or training.
 """
@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from harness.config import EvalSpec, ModelSpec, SubjectSpec
 from harness.models import Components, make_pipeline, placed, torch_dtype
+from harness.progress import bar
 from harness.prompts import class_prompts, subject_prompts
-from harness.store import atomic_path, atomic_write_json, read_json, text_digest
+from harness.store import atomic_path, atomic_write_json, discard, png_problem, read_json, text_digest
 
 SAMPLES_VERSION = 1
 
@@ -83,8 +83,22 @@ def sidecar(path: Path) -> Path:
 
 
 def is_rendered(out_dir: Path, request: SampleRequest) -> bool:
-    """An image counts once its sidecar exists: the PNG is written first, the sidecar last."""
-    return sidecar(out_dir / f"{request.stem}.png").is_file()
+    """An image counts once its sidecar exists (the PNG is written first, the sidecar last) and the PNG is whole,
+    of the size the sidecar records; a damaged one is removed with its sidecar (one log line) and counts as not
+    rendered, so it is rendered again, pixel for pixel."""
+    png = out_dir / f"{request.stem}.png"
+    if not sidecar(png).is_file():
+        return False
+    try:
+        written = read_json(sidecar(png)).get("bytes")
+    except (OSError, ValueError, AttributeError):
+        discard("has a damaged sidecar", png, sidecar(png))
+        return False
+    problem = png_problem(png, written)
+    if problem:
+        discard(problem, png, sidecar(png))
+        return False
+    return True
 
 
 def missing(out_dir: Path, requests: Sequence[SampleRequest]) -> list[SampleRequest]:
@@ -143,15 +157,15 @@ def generate(
     wanted = set(todo)
     starts = sorted({requests.index(r) // batch * batch for r in todo})
     with placed(modules, device, dtype), autocast, torch.inference_mode():
-        bar = tqdm(total=len(todo), desc=progress, unit="img", leave=False)
+        images_bar = bar(total=len(todo), desc=progress)
         for start in starts:
             chunk = list(requests[start:start + batch])
             images = _render(pipe, chunk, settings, device)
             saved = [(r, image) for r, image in zip(chunk, images, strict=True) if r in wanted]
             for request, image in saved:
                 _save(out_dir, request, image, settings, {**meta, "batch_size": batch})
-            bar.update(len(saved))
-        bar.close()
+            images_bar.update(len(saved))
+        images_bar.close()
     return len(todo)
 
 
@@ -197,5 +211,6 @@ def _save(out_dir: Path, request: SampleRequest, image, settings: SamplerSetting
     png = out_dir / f"{request.stem}.png"
     with atomic_path(png) as tmp:
         image.save(tmp, format="PNG")
-    record = {**asdict(request), **{f"sampler_{k}": v for k, v in asdict(settings).items()}, **meta}
+    record = {**asdict(request), **{f"sampler_{k}": v for k, v in asdict(settings).items()}, **meta,
+              "bytes": png.stat().st_size}
     atomic_write_json(sidecar(png), record)

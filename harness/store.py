@@ -5,7 +5,9 @@ Rules every stage follows:
   same key is an error (it would mean stale results);
 - every file is written atomically (a temporary file in the same folder, then `os.replace`);
 - a stage is finished when its DONE marker exists; the marker is written last;
-- a file lock keeps two processes from working on the same run.
+- a file lock keeps two processes from working on the same run; `lock_file` is the same kind of lock for anything
+  else several processes may build at once. The operating system drops such a lock when its process dies, so a
+  killed process never leaves a stale lock behind.
 
 Nothing here knows what a stage computes.
 """
@@ -15,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +28,8 @@ from filelock import FileLock, Timeout
 
 SPEC_FILE = "spec.json"
 LOCK_FILE = ".lock"
+
+log = logging.getLogger(__name__)
 
 
 class RunSpec(Protocol):
@@ -102,6 +107,54 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+
+
+def png_problem(path: Path, expected_bytes: int | None = None) -> str | None:
+    """Why the PNG a stage wrote at `path` cannot be used (missing, cut short, another size than recorded), or
+    None. Cheap: a stat and the last 12 bytes, so every image can be checked before it is trusted."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(size - len(PNG_END), 0))
+            tail = f.read()
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    if expected_bytes is not None and size != expected_bytes:
+        return f"has {size} bytes where {expected_bytes} were written"
+    if tail != PNG_END:
+        return "is cut short (no PNG end marker)"
+    return None
+
+
+def discard(problem: str, path: Path, *companions: Path) -> None:
+    """Removes a damaged derived file (and the files that describe it), named in one log line, so the stage that
+    wrote it writes it again."""
+    log.warning("%s %s; it will be made again.", path, problem)
+    for file in (path, *companions):
+        with contextlib.suppress(FileNotFoundError):
+            file.unlink()
+
+
+@contextlib.contextmanager
+def lock_file(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Holds the lock `path` (created if needed); when another process holds it, calls `on_wait` once and waits."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if on_wait is not None:
+            on_wait()
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 class RunFolder:
     """The folder of one run: its spec, its stage markers, its lock."""
 
@@ -128,6 +181,25 @@ class RunFolder:
         with contextlib.suppress(FileNotFoundError):
             self.marker(stage).unlink()
 
+    def remove_leftovers(self) -> list[Path]:
+        """Removes the temporary files of writers that were killed mid-write (hidden files; the lock excepted).
+        Call it with the run's lock held: then no writer of this run is alive."""
+        leftovers = [p for p in self.path.rglob(".*") if p.is_file() and p.name != LOCK_FILE]
+        for path in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return leftovers
+
+    def try_lock(self) -> FileLock | None:
+        """The run's lock, held, or None when another process holds it (release it with `.release()`)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.path / LOCK_FILE))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return None
+        return lock
+
     @contextlib.contextmanager
     def lock(self, timeout: float = 0) -> Iterator[None]:
         """Exclusive access to the run; another process holding it is an error unless it frees it in `timeout` s."""
@@ -137,7 +209,7 @@ class RunFolder:
         except Timeout:
             raise RunBusyError(
                 f"run {self.spec.run_key} ({self.path}) is being worked on by another process; wait for it to "
-                f"finish, or if no other process is running, delete {self.path / LOCK_FILE}."
+                "finish (the lock goes with the process that holds it, so it needs no cleaning up)."
             ) from None
         try:
             yield
@@ -158,8 +230,8 @@ class RunStore:
         """The run's folder, created with its spec.json, or checked against the spec already there."""
         run = self.folder(spec)
         spec_path = run.file(SPEC_FILE)
-        if spec_path.is_file():
-            stored = read_json(spec_path)
+        stored = _readable_spec(spec_path)
+        if stored is not None:
             if stored.get("identity") != spec.identity():
                 raise StoreError(
                     f"{spec_path} describes a different run than key {spec.run_key}; its results cannot be trusted. "
@@ -169,3 +241,18 @@ class RunStore:
             run.path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(spec_path, spec.to_json())
         return run
+
+
+def _readable_spec(path: Path) -> dict[str, Any] | None:
+    """spec.json as written, or None when it is absent or damaged (it is then written again from the run)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = read_json(path)
+    except (OSError, ValueError) as error:
+        log.warning("%s is damaged (%s); writing it again from the protocol.", path, error)
+        return None
+    if not isinstance(stored, dict):
+        log.warning("%s is damaged (not a JSON object); writing it again from the protocol.", path)
+        return None
+    return stored

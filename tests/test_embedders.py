@@ -196,3 +196,14 @@ def test_real_backbones_offline_say_how_to_run_without_them(load, names, tmp_pat
         load(device="cpu")
     message = str(error.value)
     assert names in message and "eval.backbones: tiny" in message and "cached" in message
+
+
+def test_an_embedding_computed_again_comes_from_its_first_batch(tiny, tmp_path, monkeypatch):
+    cache = EmbeddingCache(tmp_path)
+    images = colour_images(4)  # two aligned batches of 2
+    first = embed_with_cache(tiny["dino"], images, cache)
+    cache.path(tiny["dino"].tag, content_hash(images[1])).unlink()
+    counter = ForwardCounter(tiny["dino"], monkeypatch)
+    again = embed_with_cache(tiny["dino"], images, cache)
+    assert (counter.images, counter.calls) == (2, 1)  # images 0 and 1, as the first time
+    np.testing.assert_array_equal(again, first)

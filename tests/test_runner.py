@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import harness.runner as runner
+import harness.execute as execute
 from harness.config import load_protocol
 from harness.grid import expand
 from run_experiment import main
@@ -83,8 +83,9 @@ def test_second_invocation_computes_nothing_and_rebuilds_identical_csvs(study, m
         raise AssertionError("work was redone")
 
     monkeypatch.chdir(study)
-    monkeypatch.setattr(runner, "train", forbidden)
-    monkeypatch.setattr(runner, "generate", forbidden)
+    monkeypatch.setattr(execute, "train", forbidden)
+    monkeypatch.setattr(execute, "generate", forbidden)
+    monkeypatch.setattr("harness.prepare.generate", forbidden)
     monkeypatch.setattr("harness.class_images.generate_images", forbidden)
     monkeypatch.setattr("harness.embedders.Embedder.embed_images", forbidden)
     assert main(["protocols/smoke.yaml"]) == 0
@@ -101,14 +102,14 @@ def test_a_failing_run_is_recorded_and_the_others_complete(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     runs = expand(load_protocol(tmp_path / "protocols" / "smoke.yaml"))
     doomed = runs[1].run_key
-    real_train = runner.train
+    real_train = execute.train
 
     def train(run, *args, **kwargs):
         if run.run_key == doomed:
             raise RuntimeError("injected failure")
         return real_train(run, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "train", train)
+    monkeypatch.setattr(execute, "train", train)
     assert main(["protocols/smoke.yaml"]) == 1
     table = pd.read_csv(tmp_path / "results" / "smoke" / "runs.csv")
     status = dict(zip(table.run_key, table.status, strict=True))
@@ -117,7 +118,7 @@ def test_a_failing_run_is_recorded_and_the_others_complete(tmp_path, monkeypatch
     assert "injected failure" in table.loc[table.run_key == doomed, "error"].iloc[0]
     assert "injected failure" in (tmp_path / "runs" / doomed / "error.json").read_text()
     # The next invocation retries only the failed run.
-    monkeypatch.setattr(runner, "train", real_train)
+    monkeypatch.setattr(execute, "train", real_train)
     assert main(["protocols/smoke.yaml"]) == 0
     assert not (tmp_path / "runs" / doomed / "error.json").exists()
 
@@ -142,8 +143,9 @@ def test_report_only_rebuilds_outputs_without_models_or_backbones(study, monkeyp
         raise AssertionError("--report-only must not load models or backbones")
 
     monkeypatch.chdir(study)
-    monkeypatch.setattr(runner, "make_embedders", forbidden)
-    monkeypatch.setattr(runner, "load_components", forbidden)
+    monkeypatch.setattr("harness.embedders.make_embedders", forbidden)
+    monkeypatch.setattr("harness.study.load_components", forbidden)
+    monkeypatch.setattr(execute, "load_components", forbidden)
     assert main(["protocols/smoke.yaml", "--report-only"]) == 0
     assert runs_csv.read_bytes() == before
     assert (study / "reports" / "smoke" / "report.md").is_file()

@@ -6,7 +6,7 @@ yaml_lines.py (YAML with line numbers), fields.py (conversion and range checks),
 across sections).
 """
 
-from harness.config.load import load_protocol
+from harness.config.load import load_protocol, override_execution
 from harness.config.schema import (
     DEFAULT_CLASS_EVAL_PROMPTS,
     DEFAULT_METHOD,
@@ -15,6 +15,7 @@ from harness.config.schema import (
     LIVE_CLASSES,
     ClassImageSpec,
     EvalSpec,
+    ExecutionSpec,
     ModelSpec,
     OutputSpec,
     Protocol,
@@ -25,6 +26,6 @@ from harness.config.yaml_lines import Problem, ProtocolError
 
 __all__ = [
     "DEFAULT_CLASS_EVAL_PROMPTS", "DEFAULT_METHOD", "DEFAULT_MODEL", "GRID_SUBJECT_KEY", "LIVE_CLASSES",
-    "ClassImageSpec", "EvalSpec", "ModelSpec", "OutputSpec", "Problem", "Protocol", "ProtocolError", "SubjectSpec",
-    "TrainSpec", "load_protocol",
+    "ClassImageSpec", "EvalSpec", "ExecutionSpec", "ModelSpec", "OutputSpec", "Problem", "Protocol", "ProtocolError",
+    "SubjectSpec", "TrainSpec", "load_protocol", "override_execution",
 ]

@@ -171,6 +171,29 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class ExecutionSpec:
+    """Where the runs execute: `local` workers on this machine, or a `slurm` job array. Nothing here changes a
+    result, so none of it is part of a run's identity; the command line overrides any of it."""
+
+    executor: str = "local"  # a registered executor (harness/executors)
+    # local: the CUDA devices to use (indices as this process sees them); None: every visible GPU
+    gpus: tuple[int, ...] | None = None
+    # local: worker processes; None: one per GPU (one in the command's own process without a GPU)
+    workers: int | None = rule(None, min=1, null="one per GPU, or one without a GPU")
+    # slurm: the sbatch settings of every job
+    partition: str | None = None
+    time_limit: int = rule(240, min=1, hint="minutes per job (sbatch --time)")
+    gpus_per_task: int = rule(1, min=0, hint="0 on a CPU-only partition")
+    cpus_per_task: int | None = rule(None, min=1, null="the partition's default")
+    mem_gb: float | None = rule(None, gt=0, null="the partition's default")
+    account: str | None = None
+    slurm_array_parallelism: int | None = rule(None, min=1, null="as many tasks at once as Slurm allows")
+    sbatch: tuple[str, ...] = ()  # more sbatch options, e.g. ["--qos=high", "--constraint=a100"]
+    setup: tuple[str, ...] = ()  # shell lines run before each job's Python, e.g. ["module load cuda"]
+    log_dir: Path = Path("slurm_logs")  # job scripts, logs and progress; on the filesystem the nodes share
+
+
+@dataclass(frozen=True)
 class Protocol:
     name: str
     path: Path
@@ -187,6 +210,7 @@ class Protocol:
     methods: tuple[tuple[str, Any], ...] = ()
     train_unset: frozenset[str] = frozenset()
     notes: tuple[str, ...] = field(default=(), compare=False)  # non-fatal remarks (e.g. a moved model id)
+    execution: ExecutionSpec = field(default_factory=ExecutionSpec, compare=False)
 
     def subject(self, name: str) -> SubjectSpec:
         return next(s for s in self.subjects if s.name == name)

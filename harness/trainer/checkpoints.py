@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from harness.records import CHECKPOINT_FILE
-from harness.store import RunFolder, atomic_path
+from harness.store import RunFolder, atomic_path, discard
 
 if TYPE_CHECKING:
     from harness.trainer.session import TrainingSession
@@ -54,7 +54,11 @@ def load_checkpoint(folder: RunFolder, device: torch.device) -> dict[str, Any] |
     path = folder.file(CHECKPOINT_FILE)
     if not path.is_file():
         return None
-    state = torch.load(path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # a checkpoint cut short by a kill mid-write of an older version, a damaged disk
+        discard(f"cannot be read ({type(error).__name__})", path)
+        return None
     if state.get("run_key") != folder.spec.run_key:
         raise RuntimeError(f"{path} belongs to run {state.get('run_key')!r}, not {folder.spec.run_key!r}; "
                            "delete it to train this run from step 0.")

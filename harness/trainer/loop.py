@@ -48,6 +48,7 @@ from harness.trainer.session import StepLoss, TrainingSession
 WARMUP_STEPS = 2  # steps left out of the seconds-per-step figure (allocator and kernel warm-up)
 
 SnapshotCallback = Callable[[int, torch.nn.Module, Components], None]
+StepCallback = Callable[[StepLoss, int], None]  # each step's loss and the step training runs to, for progress
 
 
 class TrainingOutOfMemoryError(RuntimeError):
@@ -224,8 +225,10 @@ def train(
     device: torch.device | str,
     pending_snapshots: Collection[int] | None = None,
     speedups: Speedups | None = None,
+    on_step: StepCallback | None = None,
 ) -> TrainRecord:
-    """Trains `run` to its last step, handing the model to `on_snapshot` at every pending snapshot step.
+    """Trains `run` to its last step, handing the model to `on_snapshot` at every pending snapshot step (and each
+    step's loss to `on_step`).
 
     Writes train.json and then the `train` marker into `folder`. Returns the stored record without doing anything
     when the run is done and no snapshot is pending. Raises TrainingOutOfMemoryError when the GPU runs out.
@@ -240,7 +243,7 @@ def train(
     method = make_method(run)
     try:
         result = _train_until(run, method, folder, components, data, on_snapshot, device, pending, end_step,
-                              speedups)
+                              speedups, on_step)
     except torch.cuda.OutOfMemoryError as error:
         # Leave the except block before raising, so the frames holding the GPU tensors are freed.
         message = out_of_memory_message(run.train, method, run.run_key, str(error))
@@ -281,6 +284,7 @@ def _train_until(
     pending: frozenset[int],
     end_step: int,
     speedups: Speedups | None,
+    on_step: StepCallback | None = None,
 ) -> TrainRecord:
     started = time.perf_counter()
     if device.type == "cuda":
@@ -297,8 +301,11 @@ def _train_until(
     durations = []
     while session.step < end_step:
         began = time.perf_counter()
-        history.append(asdict(advance(session)))
+        loss = advance(session)
+        history.append(asdict(loss))
         durations.append(time.perf_counter() - began)
+        if on_step is not None:
+            on_step(loss, end_step)
         if _checkpoint_due(run.train, session.step):
             save_checkpoint(session, folder, history)
         if session.step in pending:

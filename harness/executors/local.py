@@ -1,0 +1,475 @@
+"""The local executor: a study's workers on this machine.
+
+- Several workers: one process per GPU (execution.gpus, or every visible GPU; execution.workers asks for another
+  number, e.g. two small runs per GPU or CPU processes), started with `spawn` and pinned to its GPU with
+  CUDA_VISIBLE_DEVICES before torch is imported there.
+- One worker (one GPU, no GPU, or --device): it runs in the command's own process, exactly as a study always ran.
+
+The command's process prepares (on the first worker's device, then frees it), puts every selected run on one queue
+(longest first; each run is taken once per invocation, and the run store's lock keeps a run that another invocation
+holds from being worked on twice), draws one view of the workers' status files, and collects at the end.
+A worker that dies (killed, out of host memory, a crash) has its run recorded as failed with the reason and the
+path of its log; a new worker takes its place, and the next invocation resumes the run from its last snapshot or
+checkpoint. Ctrl-C or SIGTERM stops every worker where it is (every file is written atomically), waits for them,
+and ends the command with status 130; a worker whose parent dies stops too.
+
+What this module does not hold: what a worker does with a run (execute.py), the view (console.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.executors import ExecutionError, Executor, StudyJob, StudyOutcome
+
+if TYPE_CHECKING:
+    from harness.config import ExecutionSpec, Protocol
+    from harness.console import StudyView
+    from harness.grid import RunSpec
+    from harness.plan import Plan
+    from harness.progress import WorkerStatus
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.25
+STOP_GRACE_SECONDS = 30.0  # after Ctrl-C, how long workers get to stop by themselves before SIGTERM, then SIGKILL
+WORKERS_DIR = ".workers"  # under runs_dir: each invocation's worker status files and logs
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one worker runs: its name in the view, the torch device it uses, and for a worker process the
+    CUDA_VISIBLE_DEVICES value that pins it (None: no pinning)."""
+
+    name: str
+    device: str
+    visible: str | None = None
+
+
+def worker_slots(spec: ExecutionSpec, device: str | None) -> list[Slot]:
+    """The workers of a study on this machine, from execution.gpus / execution.workers, or --device."""
+    if device is not None:
+        if spec.gpus is not None or (spec.workers or 1) > 1:
+            raise ExecutionError("--device runs one worker in this process on that device; leave out --gpus and "
+                                 "--workers (and execution.gpus / execution.workers), or leave out --device.")
+        return [Slot(device.replace(":", ""), device)]
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = list(spec.gpus) if spec.gpus is not None else list(range(count))
+    unknown = [g for g in gpus if g >= count]
+    if unknown:
+        shown = f"GPUs 0-{count - 1}" if count > 1 else ("GPU 0" if count else "no GPU")
+        raise ExecutionError(f"execution.gpus (--gpus): GPU {', '.join(map(str, unknown))} does not exist; this "
+                             f"machine shows {shown} (nvidia-smi lists them; CUDA_VISIBLE_DEVICES renumbers them).")
+    workers = spec.workers or max(len(gpus), 1)
+    if not gpus:
+        return [Slot("cpu" if workers == 1 else f"cpu{i}", "cpu") for i in range(workers)]
+    if workers == 1:
+        return [Slot(f"gpu{gpus[0]}", f"cuda:{gpus[0]}" if spec.gpus is not None else "cuda")]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(count)]
+    chosen = [gpus[i % len(gpus)] for i in range(workers)]
+    names = [f"gpu{g}" if chosen.count(g) == 1 else f"gpu{g}.{chosen[:i].count(g) + 1}"
+             for i, g in enumerate(chosen)]
+    return [Slot(name, "cuda:0", ids[g]) for name, g in zip(names, chosen, strict=True)]
+
+
+class LocalExecutor(Executor):
+    name = "local"
+
+    def describe(self, plan: Plan, runs: tuple[RunSpec, ...]) -> list[str]:
+        spec = plan.protocol.execution
+        if spec.gpus is not None:
+            where = f"GPUs {', '.join(map(str, spec.gpus))}"
+        else:
+            where = "every visible GPU (in this process when there is one GPU or none)"
+        workers = f"{spec.workers} worker(s) on {where}" if spec.workers else f"one worker per GPU on {where}"
+        return [f"Execution (local): {workers}; runs are taken longest first: "
+                + ", ".join(r.run_key for r in runs)]
+
+    def run(self, job: StudyJob) -> StudyOutcome:
+        slots = worker_slots(job.plan.protocol.execution, job.device)
+        if len(slots) == 1:
+            return run_in_process(job, slots[0], explicit=job.device is not None
+                                  or job.plan.protocol.execution.gpus is not None)
+        return run_workers(job, slots)
+
+
+EXECUTOR = LocalExecutor()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One worker, in this process
+
+
+def _view(job: StudyJob) -> StudyView:
+    from harness.console import StudyView
+    from harness.progress import run_costs
+
+    return StudyView(len(job.runs), run_costs(job.plan.protocol, job.runs))
+
+
+def _header(protocol: Protocol, runs: int, where: str) -> str:
+    from harness.backends import backend_of
+
+    tiny = "  [tiny random model: pipeline check only]" if backend_of(protocol.model).random_weights else ""
+    return f"{protocol.name}: {runs} run(s) on {where}{tiny}"
+
+
+def run_in_process(job: StudyJob, slot: Slot, explicit: bool) -> StudyOutcome:
+    from harness.collect import collect
+    from harness.execute import RunQueue, work
+    from harness.prepare import prepare
+    from harness.progress import Reporter, reporting
+    from harness.study import Study
+
+    view = _view(job)
+    protocol = job.plan.protocol
+    reporter = Reporter(slot.name, slot.device, publish=view.update)
+    study = Study.open(protocol, slot.device if explicit else None, reporter)
+    with view.showing_logs(), reporting(reporter):
+        view.print(_header(protocol, len(job.runs), str(study.device)))
+        prepare(job.plan, study, job.runs)
+        work(study, RunQueue(job.runs))
+        results, report = collect(job.plan, study)
+        reporter.close()
+    return StudyOutcome(results, report, study.timings)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Several workers, in their own processes
+
+
+@dataclass(frozen=True)
+class WorkerOrder:
+    """What a worker process needs (pickled to it): the protocol, the runs it may be handed, where it runs and
+    where it reports."""
+
+    protocol: Protocol
+    runs: tuple[RunSpec, ...]
+    slot: Slot
+    status_path: Path
+    log_path: Path
+
+
+def run_workers(job: StudyJob, slots: list[Slot]) -> StudyOutcome:
+    from harness.collect import collect
+    from harness.prepare import prepare
+    from harness.progress import Reporter, reporting
+    from harness.study import Study
+
+    protocol = job.plan.protocol
+    view = _view(job)
+    first_gpu = next((s.visible for s in slots if s.visible is not None), None)
+    parent_device = "cpu" if first_gpu is None else f"cuda:{_visible_index(first_gpu)}"
+    reporter = Reporter("prepare", parent_device, publish=view.update)
+    study = Study.open(protocol, parent_device, reporter)
+    folder = Path(protocol.output.runs_dir) / WORKERS_DIR / f"{socket.gethostname()}-{os.getpid()}"
+    with view.showing_logs(), reporting(reporter), _terminate_as_interrupt():
+        view.print(_header(protocol, len(job.runs), f"{len(slots)} workers ({', '.join(s.name for s in slots)})"))
+        prepare(job.plan, study, job.runs)
+        study.release_models()  # the GPU goes to the workers
+        reporter.close()
+        pool = WorkerPool(job, slots, folder, view)
+        try:
+            pool.run()
+        except KeyboardInterrupt:
+            pool.stop()
+            raise
+        finally:
+            pool.close()
+        study.timings.add(pool.timings())
+        study.reporter = Reporter("collect", "cpu", publish=view.update)
+        results, report = collect(job.plan, study)
+        study.reporter.close()
+    if pool.clean:
+        _remove_folder(folder)
+    return StudyOutcome(results, report, study.timings)
+
+
+def _visible_index(visible: str) -> int:
+    """The index in this process of the GPU a worker sees as its only one."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in listed.split(",")] if listed else None
+    return ids.index(visible) if ids else int(visible)
+
+
+def _remove_folder(folder: Path) -> None:
+    for path in folder.glob("*"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+class WorkerPool:
+    """The worker processes of one invocation, the queue they share, and what the view learns from them."""
+
+    def __init__(self, job: StudyJob, slots: list[Slot], folder: Path, view: StudyView):
+        import multiprocessing
+
+        self.job = job
+        self.slots = slots
+        self.folder = folder
+        self.view = view
+        self.context = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA starts in the child
+        self.queue = self.context.Queue()
+        for run in job.runs:
+            self.queue.put(run.run_key)
+        self.processes: dict[str, Any] = {}
+        self.slot_of: dict[str, Slot] = {}
+        self.seen: dict[str, float] = {}
+        self.started = 0
+        self.clean = True  # no worker died: the status folder can go
+
+    def run(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for slot in self.slots:
+            self.start(slot)
+        while self.processes:
+            time.sleep(POLL_SECONDS)
+            self.poll()
+            for name, process in list(self.processes.items()):
+                if not process.is_alive():
+                    process.join()
+                    del self.processes[name]
+                    self.ended(name, process)
+            self.view.tick()
+
+    def start(self, slot: Slot) -> None:
+        self.started += 1
+        name = slot.name if self.started <= len(self.slots) else f"{slot.name}#{self.started - len(self.slots)}"
+        self.queue.put(None)  # this worker's end of the queue
+        order = WorkerOrder(protocol=self.job.plan.protocol, runs=self.job.runs, slot=replace(slot, name=name),
+                            status_path=self.folder / f"{name}.json", log_path=self.folder / f"{name}.log")
+        process = self.context.Process(target=worker_main, args=(order, self.queue), name=f"harness-{name}",
+                                       daemon=False)
+        with _environment(CUDA_VISIBLE_DEVICES=slot.visible):
+            process.start()
+        self.processes[name] = process
+        self.slot_of[name] = order.slot
+
+    def status_path(self, name: str) -> Path:
+        return self.folder / f"{name}.json"
+
+    def poll(self) -> None:
+        from harness.progress import read_status
+
+        for name in self.slot_of:
+            status = read_status(self.status_path(name))
+            if status is not None and status.updated != self.seen.get(name):
+                self.seen[name] = status.updated
+                self.view.update(status)
+
+    def ended(self, name: str, process: Any) -> None:
+        from harness.progress import read_status
+
+        self.poll()
+        status = read_status(self.status_path(name))
+        self.view.worker_gone(name)
+        if process.exitcode == 0:
+            return
+        self.clean = False
+        reason = _exit_reason(process.exitcode)
+        log_path = self.folder / f"{name}.log"
+        if status is not None and status.run_key:
+            self.record_death(status, name, reason, log_path)
+            self.start(self.slot_of[name])  # the queue may still hold runs
+        else:
+            self.view.print(f"worker {name} ended before it took a run ({reason}); its log: {log_path}\n"
+                            + _tail(log_path))
+
+    def record_death(self, status: WorkerStatus, name: str, reason: str, log_path: Path) -> None:
+        """Records the run a dead worker was executing as failed (unless another process has it by now)."""
+        from harness.records import ErrorRecord, write_error
+
+        run = next(r for r in self.job.runs if r.run_key == status.run_key)
+        message = (f"the worker process on {name} (pid {status.pid}) died ({reason}) during '{status.activity}'; "
+                   f"its log: {log_path}. Run the same command again: the run resumes from its last snapshot or "
+                   "checkpoint.")
+        from harness.store import RunStore
+
+        folder = RunStore(self.job.plan.protocol.output.runs_dir).folder(run)
+        lock = folder.try_lock()
+        if lock is not None:
+            try:
+                error = WorkerDiedError(message)
+                error.harness_phase = _phase_of(status.activity)  # type: ignore[attr-defined]
+                write_error(folder.path, ErrorRecord.of(run.run_key, error))
+            finally:
+                lock.release()
+        self.view.print(f"{run.run_key} FAILED: {message}")
+
+    def timings(self) -> dict[str, float]:
+        from harness.progress import read_status
+
+        total: dict[str, float] = {}
+        for name in self.slot_of:
+            status = read_status(self.status_path(name))
+            for phase, seconds in (status.timings if status else {}).items():
+                total[phase] = total.get(phase, 0.0) + seconds
+        return total
+
+    def close(self) -> None:
+        self.queue.close()
+        self.queue.cancel_join_thread()  # end markers of workers that died stay unread
+
+    def stop(self) -> None:
+        """Stops every worker: SIGINT (each stops where it is), then SIGTERM, then SIGKILL for the stragglers."""
+        alive = [p for p in self.processes.values() if p.is_alive()]
+        for process in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGINT)
+        deadline = time.time() + STOP_GRACE_SECONDS
+        for process in alive:
+            process.join(max(deadline - time.time(), 0.1))
+        for process in alive:
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.processes.clear()
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process died while it executed a run."""
+
+
+def _phase_of(activity: str) -> str:
+    for word, phase in (("train", "train"), ("sample", "sample"), ("score", "score")):
+        if activity.startswith(word):
+            return phase
+    return "prepare"
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (often the out-of-memory killer)" if -exitcode == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit status {exitcode}"
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def _environment(**values: str | None) -> Iterator[None]:
+    """Environment variables set for a child started inside the block (spawn copies the environment)."""
+    saved = {k: os.environ.get(k) for k in values}
+    for key, value in values.items():
+        if value is not None:
+            os.environ[key] = value
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the study as Ctrl-C does (workers stopped, status 130)."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inside a worker process
+
+
+class _QueueOfRuns:
+    """The shared queue as execute.work sees it: run keys until this worker's end marker."""
+
+    def __init__(self, queue: Any, runs: tuple[RunSpec, ...]):
+        self.queue = queue
+        self.runs = {r.run_key: r for r in runs}
+
+    def take(self) -> RunSpec | None:
+        key = self.queue.get()
+        return None if key is None else self.runs[key]
+
+
+def worker_main(order: WorkerOrder, queue: Any) -> None:
+    """A worker process: executes runs from the queue, publishing its status, until the queue says stop."""
+    _stop_with_parent()
+    _log_to(order.log_path)
+    signal.signal(signal.SIGINT, _interrupt_once)  # Ctrl-C reaches the workers and the command alike
+    signal.signal(signal.SIGTERM, _interrupt_once)
+    try:
+        _work(order, queue)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """Stops the worker where it is, as Ctrl-C does; a second signal (the command passing Ctrl-C on) is ignored,
+    so the clean-up of half-written files is not cut short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _work(order: WorkerOrder, queue: Any) -> None:
+    # CPU workers keep torch's default thread count: fewer threads would change the numbers' last bits.
+    from harness.progress import Reporter, file_publisher, forward_logs, reporting
+
+    reporter = Reporter(order.slot.name, order.slot.device, publish=file_publisher(order.status_path))
+    reporter.activity("starting (loading libraries)")
+    from harness.console import quiet_libraries
+
+    quiet_libraries()
+    from harness.execute import work
+    from harness.study import Study
+
+    study = Study.open(order.protocol, order.slot.device, reporter)
+    reporter.follow_timings(lambda: study.timings.seconds)
+    forward_logs(reporter)
+    with reporting(reporter):
+        work(study, _QueueOfRuns(queue, order.runs))
+    reporter.close()
+
+
+def _log_to(path: Path) -> None:
+    """The worker's stdout and stderr (Python's and the libraries' own) go to its log file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (the process's lifetime)
+    os.dup2(log_file.fileno(), 1)
+    os.dup2(log_file.fileno(), 2)
+    sys.stdout = sys.stderr = log_file
+
+
+def _stop_with_parent() -> None:
+    """Asks Linux to send this process SIGTERM when the command's process dies, so no worker is orphaned."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
