@@ -7,11 +7,33 @@ import argparse
 import sys
 from pathlib import Path
 
+EXIT_STATUSES = """exit status:
+  0    every selected run succeeded (or the dry run / report-only finished)
+  1    a run failed; the others still ran (its error is in runs/<run_key>/error.json and in runs.csv)
+  2    setup error, nothing was run: a bad protocol or bad images, an unknown --only key or --device, a model or
+       backbone that cannot be loaded
+  130  interrupted (Ctrl-C): finished work is kept; run the same command again to resume
+"""
+
+
+def _device_name(text: str) -> str:
+    """argparse type of --device: the spelling is checked here, whether the device exists when a run starts."""
+    from harness.devices import DeviceError, check_device_name
+
+    try:
+        return check_device_name(text)
+    except DeviceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from harness import __version__
+
     parser = argparse.ArgumentParser(
         description="Train, sample and evaluate a grid of subject-driven fine-tuning runs described by a protocol.",
+        epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"DreamBooth evaluation harness {__version__}")
     parser.add_argument("protocol", type=Path, help="protocol YAML file, e.g. protocols/smoke.yaml")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the protocol and the images, print the runs and the work, and stop")
@@ -19,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run only this run key (repeatable); results and report still cover every finished run")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the CSVs and the report from the run folders; train and generate nothing")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, type=_device_name,
+                        help="cpu, cuda, cuda:N, mps or xpu (default: cuda if torch sees a GPU, else cpu)")
     return parser.parse_args(argv)
 
 
@@ -46,13 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from harness.config import ProtocolError, load_protocol
     from harness.data import InstanceDataError
+    from harness.devices import DeviceError
+    from harness.plan import UnknownRunError
 
     try:
         protocol = load_protocol(args.protocol)
         if args.dry_run:
-            from harness.plan import format_plan, make_plan
+            from harness.plan import format_plan, make_plan, select_runs
 
-            print(format_plan(make_plan(protocol)))
+            plan = make_plan(protocol)
+            select_runs(plan, args.only)
+            print(format_plan(plan))
             return 0
         quiet_libraries()
         from harness.backbones import BackboneUnavailableError
@@ -64,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ModelUnavailableError, BackboneUnavailableError) as e:
             print(f"error: {e}", file=sys.stderr)  # the message names the ways out (network, local folder, tiny)
             return 2
-    except (ProtocolError, InstanceDataError) as e:
+    except (ProtocolError, InstanceDataError, DeviceError, UnknownRunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

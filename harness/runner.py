@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,12 +26,13 @@ from harness.caches import build_training_data
 from harness.class_images import ensure_pool, pool_for
 from harness.config import Protocol, SubjectSpec
 from harness.data import folder_digest, list_instance_files, prepare_instances
+from harness.devices import resolve_device
 from harness.embedders import EmbeddingCache, make_embedders
 from harness.evaluator import Scorer, real_images_record, record_name, samples_record, write_record
 from harness.grid import RunSpec
 from harness.metrics import roles_for
 from harness.models import Components
-from harness.plan import Plan, make_plan
+from harness.plan import Plan, make_plan, select_runs
 from harness.records import (
     ERROR_FILE,
     TRAIN_STAGE,
@@ -124,12 +124,6 @@ class Shared:
 
     def settings(self, resolution: int) -> SamplerSettings:
         return sampler_settings(self.protocol.eval, resolution)
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def prepare(plan: Plan, shared: Shared, runs: list[RunSpec]) -> None:
@@ -328,14 +322,9 @@ def run_protocol(protocol: Protocol, only: tuple[str, ...] = (), report_only: bo
     plan = make_plan(protocol)
     for note in plan.warnings:
         print(f"note: {note}")
-    shared = Shared(protocol=protocol, device=pick_device(device), store=RunStore(protocol.output.runs_dir),
+    runs = list(select_runs(plan, only))
+    shared = Shared(protocol=protocol, device=resolve_device(device), store=RunStore(protocol.output.runs_dir),
                     cache_dir=protocol.output.cache_dir, timings=Timings())
-    runs = [r for r in plan.runs if not only or r.run_key in only]
-    unknown = sorted(set(only) - {r.run_key for r in plan.runs})
-    if unknown:
-        print(f"error: --only {', '.join(unknown)}: no such run key in this protocol; --dry-run lists them.",
-              file=sys.stderr)
-        return 2
     print(f"{protocol.name}: {len(runs)} run(s) on {shared.device}"
           + ("  [tiny random model: pipeline check only]" if backend_of(protocol.model).random_weights else ""))
     failed: list[tuple[RunSpec, str]] = []

@@ -1,0 +1,109 @@
+"""The command line: what a user can type ends with a message and the README's exit status, never a traceback."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness import __version__
+from run_experiment import main
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch) -> Path:
+    """An empty study folder holding the example subjects and the smoke protocol, as the working directory."""
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    (tmp_path / "protocols").mkdir()
+    shutil.copy(REPO / "protocols" / "smoke.yaml", tmp_path / "protocols" / "smoke.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _exit(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return int(info.value.code or 0)
+
+
+def test_help_lists_every_exit_status(capsys):
+    assert _exit(["--help"]) == 0
+    out = capsys.readouterr().out
+    for status, meaning in (("0", "succeeded"), ("1", "a run failed"), ("2", "setup error"), ("130", "interrupted")):
+        assert any(line.split()[:1] == [status] and meaning in line for line in out.splitlines()), (status, out)
+
+
+def test_version(capsys):
+    assert _exit(["--version"]) == 0
+    assert capsys.readouterr().out.strip().endswith(__version__)
+
+
+def test_a_misspelt_device_is_refused_before_anything_is_read(study, capsys):
+    assert _exit(["protocols/smoke.yaml", "--device", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "'bogus' is not a device name" in err and "cuda:N" in err
+    assert sorted(p.name for p in study.iterdir()) == ["examples", "protocols"]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_is_a_setup_error_before_any_work(study, capsys, monkeypatch, device):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["protocols/smoke.yaml", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}: torch sees no CUDA GPU" in err and "--device cpu" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in study.iterdir()) == ["examples", "protocols"]  # no cache, no run folder
+
+
+def test_a_gpu_number_beyond_the_machine_is_a_setup_error(study, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    assert main(["protocols/smoke.yaml", "--device", "cuda:2"]) == 2
+    assert "there is no GPU number 2: torch sees 2 (cuda:0 to cuda:1)" in capsys.readouterr().err
+
+
+def test_dry_run_checks_the_only_keys(study, capsys):
+    assert main(["protocols/smoke.yaml", "--dry-run", "--only", "zzz"]) == 2
+    captured = capsys.readouterr()
+    assert "--only zzz: no such run key in protocol 'smoke'" in captured.err
+    assert "Runs (" not in captured.out  # the plan is not printed as if the key were fine
+
+
+def test_dry_run_with_a_known_only_key_prints_the_plan(study, capsys):
+    from harness.config import load_protocol
+    from harness.grid import expand
+
+    key = expand(load_protocol(study / "protocols" / "smoke.yaml"))[0].run_key
+    assert main(["protocols/smoke.yaml", "--dry-run", "--only", key]) == 0
+    assert key in capsys.readouterr().out
+
+
+def test_a_near_miss_only_key_gets_a_suggestion(study, capsys):
+    from harness.config import load_protocol
+    from harness.grid import expand
+
+    key = expand(load_protocol(study / "protocols" / "smoke.yaml"))[0].run_key
+    assert main(["protocols/smoke.yaml", "--dry-run", "--only", key[:-1] + "x"]) == 2
+    assert f"did you mean {key}?" in capsys.readouterr().err
+
+
+def test_a_binary_file_as_the_protocol(tmp_path, capsys):
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert main([str(binary), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{binary}: 1 problem(s)" in err and "is not a text file (it is not UTF-8)" in err
+    assert "Traceback" not in err
+
+
+def test_a_folder_as_the_protocol(tmp_path, capsys):
+    assert main([str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder, not a protocol file" in err and "not found" not in err
+
+
+def test_a_missing_protocol_file(tmp_path, capsys):
+    assert main([str(tmp_path / "nope.yaml"), "--dry-run"]) == 2
+    assert "protocol file not found" in capsys.readouterr().err
