@@ -15,6 +15,7 @@ from harness.config.schema import (
     LIVE_CLASSES,
     ClassImageSpec,
     EvalSpec,
+    LimitSpec,
     ModelSpec,
     OutputSpec,
     Protocol,
@@ -25,6 +26,6 @@ from harness.config.yaml_lines import Problem, ProtocolError
 
 __all__ = [
     "DEFAULT_CLASS_EVAL_PROMPTS", "DEFAULT_METHOD", "DEFAULT_MODEL", "GRID_SUBJECT_KEY", "LIVE_CLASSES",
-    "ClassImageSpec", "EvalSpec", "ModelSpec", "OutputSpec", "Problem", "Protocol", "ProtocolError", "SubjectSpec",
-    "TrainSpec", "load_protocol",
+    "ClassImageSpec", "EvalSpec", "LimitSpec", "ModelSpec", "OutputSpec", "Problem", "Protocol", "ProtocolError",
+    "SubjectSpec", "TrainSpec", "load_protocol",
 ]

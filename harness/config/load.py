@@ -25,6 +25,7 @@ from harness.config.schema import (
     GRID_SUBJECT_KEY,
     ClassImageSpec,
     EvalSpec,
+    LimitSpec,
     ModelSpec,
     OutputSpec,
     Protocol,
@@ -35,7 +36,8 @@ from harness.config.yaml_lines import Collector, read_yaml
 from harness.methods import METHODS, setting_owners
 from harness.metrics import METRICS
 
-BASE_TOP_LEVEL_KEYS = ("name", "description", "model", "subjects", "train", "class_images", "eval", "output", "grid")
+BASE_TOP_LEVEL_KEYS = ("name", "description", "model", "subjects", "train", "class_images", "eval", "output", "grid",
+                       "limits")
 
 
 def top_level_keys() -> list[str]:
@@ -337,6 +339,19 @@ def _build_grid(raw: Any, train: TrainSpec, subjects: tuple[SubjectSpec, ...], m
     return tuple(axes)
 
 
+def _check_grid_size(protocol: Protocol, errs: Collector) -> None:
+    """A grid bigger than the cap is refused before it is expanded: one typo (a seventh axis, a range written out)
+    can make a study of millions of runs, and expanding it alone would take minutes."""
+    size, cap = protocol.grid_size, protocol.limits.max_grid_points
+    if size <= cap:
+        return
+    factors = [f"{len(protocol.grid_subjects)} subject(s)"]
+    factors += [f"{len(values)} {key}" for key, values in protocol.grid if key != GRID_SUBJECT_KEY]
+    errs.add(("grid",), f"has {size:,} points ({' x '.join(factors)}), more than the cap of {cap:,} "
+                        "(limits.max_grid_points). Narrow the grid; if the study really is this big, raise the cap "
+                        f"with `limits: {{max_grid_points: {size}}}` in the protocol.")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Checks across sections
 
@@ -424,12 +439,14 @@ def load_protocol(path: str | Path) -> Protocol:
     _check_eval(evaluation, errs)
     output = build_section(OutputSpec, data.get("output"), ("output",), errs) or OutputSpec()
     grid = _build_grid(data.get("grid"), train, subjects, methods, study, errs)
+    limits = build_section(LimitSpec, data.get("limits"), ("limits",), errs) or LimitSpec()
     protocol = Protocol(
         name=name, path=path.resolve(), model=model, subjects=subjects, train=train, class_images=class_images,
         eval=evaluation, output=output, grid=grid, description=description.strip(), methods=methods,
-        train_unset=frozenset(field_names(TrainSpec)) - given, notes=tuple(notes),
+        train_unset=frozenset(field_names(TrainSpec)) - given, notes=tuple(notes), limits=limits,
     )
     if subjects:
+        _check_grid_size(protocol, errs)
         _check_combinations(protocol, errs, _setting_places(data, loose, study))
     errs.raise_if_any()
     return protocol
