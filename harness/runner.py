@@ -6,7 +6,8 @@ report. Every step skips what is already on disk, so running the same protocol a
 nothing new and only rebuilds the CSVs and the report. One failing run is recorded in its folder (error.json) and
 the others go on; the exit status says whether any failed.
 
-What this module does not hold: how any stage computes (each lives in its own module).
+What this module does not hold: how any stage computes (each lives in its own module). torch, diffusers and the
+trainer are imported where a stage needs them, so a re-run with nothing to do loads neither them nor a backbone.
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from harness.backends import backend_of, load_components
-from harness.caches import build_training_data
+from harness.backbones import BackboneUnavailableError
+from harness.backends import ModelUnavailableError, backend_of, load_components
 from harness.class_images import ensure_pool, pool_for
 from harness.config import Protocol, SubjectSpec
 from harness.data import folder_digest, list_instance_files, prepare_instances
@@ -31,7 +30,6 @@ from harness.embedders import EmbeddingCache, make_embedders
 from harness.evaluator import Scorer, real_images_record, record_name, samples_record, write_record
 from harness.grid import RunSpec
 from harness.metrics import roles_for
-from harness.models import Components
 from harness.plan import Plan, make_plan, select_runs
 from harness.records import (
     ERROR_FILE,
@@ -55,7 +53,11 @@ from harness.sampling import (
     samples_key,
 )
 from harness.store import RunFolder, RunStore
-from harness.trainer import TrainingOutOfMemoryError, train
+
+if TYPE_CHECKING:
+    import torch
+
+    from harness.models import Components
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +68,35 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Timings:
-    """Wall-clock seconds per phase. Phases nest (sampling happens inside training); each second counts once,
-    in the innermost phase, so the phases add up to the total."""
+    """Wall-clock and CPU seconds (every thread of the process) per phase. Phases nest (sampling happens inside
+    training); each second counts once, in the innermost phase, so the phases add up to the total. On a shared
+    machine the wall clock says how busy the others were; the CPU seconds say what the phase cost."""
 
     seconds: dict[str, float] = field(default_factory=dict)
-    _inner: list[float] = field(default_factory=list)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    _inner: list[tuple[float, float]] = field(default_factory=list)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        self._inner.append(0.0)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        self._inner.append((0.0, 0.0))
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - started
-            nested = self._inner.pop()
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+            nested, nested_cpu = self._inner.pop()
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - nested
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + cpu - nested_cpu
             if self._inner:
-                self._inner[-1] += elapsed
+                outer, outer_cpu = self._inner[-1]
+                self._inner[-1] = (outer + elapsed, outer_cpu + cpu)
 
     def table(self) -> str:
-        total = sum(self.seconds.values())
-        lines = [f"  {name:<28} {sec:9.1f} s" for name, sec in self.seconds.items()]
-        return "\n".join(["Time per phase:", *lines, f"  {'total':<28} {total:9.1f} s"])
+        total, total_cpu = sum(self.seconds.values()), sum(self.cpu_seconds.values())
+        lines = [f"  {name:<28} {sec:9.1f} s {self.cpu_seconds.get(name, 0.0):9.1f} s"
+                 for name, sec in self.seconds.items()]
+        return "\n".join([f"Time per phase:{'wall':>24} {'CPU':>11}", *lines,
+                          f"  {'total':<28} {total:9.1f} s {total_cpu:9.1f} s"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -104,9 +112,19 @@ class Shared:
     store: RunStore
     cache_dir: Path
     timings: Timings
-    scorer: Scorer | None = None
     instances: dict[tuple[str, int], list[Path]] = field(default_factory=dict)  # (subject, resolution) -> PNGs
     _base: Components | None = None
+    _scorer: Scorer | None = None
+
+    @property
+    def scorer(self) -> Scorer:
+        """The evaluation backbones, loaded when the first image is scored (a finished study loads none)."""
+        if self._scorer is None:
+            with self.timings.phase("load backbones"):
+                protocol = self.protocol
+                embedders = make_embedders(protocol.eval.backbones, self.device, roles=roles_for(protocol.eval.metrics))
+                self._scorer = Scorer(embedders, EmbeddingCache(self.cache_dir), protocol.eval)
+        return self._scorer
 
     def base_components(self) -> Components:
         """The untrained model, loaded once for class images and base-model samples."""
@@ -117,6 +135,8 @@ class Shared:
 
     @property
     def inference_dtype(self) -> torch.dtype | None:
+        import torch
+
         return None if self.device.type == "cuda" else torch.float32
 
     def real_paths(self, subject: SubjectSpec) -> list[Path]:
@@ -127,8 +147,7 @@ class Shared:
 
 
 def prepare(plan: Plan, shared: Shared, runs: list[RunSpec]) -> None:
-    """Instance images, class-image pools, backbones and reference rows, each skipped when already on disk."""
-    protocol = plan.protocol
+    """Instance images, class-image pools and reference rows, each skipped when already on disk."""
     with shared.timings.phase("prepare instance images"):
         for run in runs:
             key = (run.subject.name, run.train.resolution)
@@ -139,9 +158,6 @@ def prepare(plan: Plan, shared: Shared, runs: list[RunSpec]) -> None:
         for pool, n in plan.pools.items():
             if any(pool_for(r) == pool for r in runs):
                 ensure_pool(pool, n, shared.cache_dir, shared.base_components, shared.device)
-    with shared.timings.phase("load backbones"):
-        embedders = make_embedders(protocol.eval.backbones, shared.device, roles=roles_for(protocol.eval.metrics))
-        shared.scorer = Scorer(embedders, EmbeddingCache(shared.cache_dir), protocol.eval)
     for subject, resolution in sorted({(r.subject, r.train.resolution) for r in runs}, key=lambda x: x[0].name):
         score_real_images(shared, subject)
         score_base_model(shared, subject, resolution)
@@ -237,6 +253,8 @@ def snapshot_callback(shared: Shared, folder: RunFolder) -> Callable[[int, torch
 
 
 def training_data(shared: Shared, run: RunSpec, components: Components):
+    from harness.caches import build_training_data
+
     pool = pool_for(run)
     class_paths = None
     if pool is not None:
@@ -260,6 +278,8 @@ def execute_run(shared: Shared, run: RunSpec) -> str:
             score_snapshot(shared, folder, step, 0.0)
         to_sample = [s for s in unscored if s not in rendered]
         if to_sample or not folder.is_done(TRAIN_STAGE):
+            import torch
+
             with shared.timings.phase("load model"), failing_phase("prepare"):
                 # fp32 master weights for training, loaded as published rather than rounded through fp16
                 components = load_components(run.model, dtype=torch.float32)
@@ -277,6 +297,13 @@ def execute_run(shared: Shared, run: RunSpec) -> str:
         result = read_train(folder.path)
     sec = f"{result.seconds_per_step:.3f} s/step" if result.seconds_per_step else "-"
     return f"{run.run_key} {run.subject.name} {dict(run.varied)}: {state} ({sec})"
+
+
+def train(*args: Any, **kwargs: Any) -> Any:
+    """The trainer (harness.trainer.train), imported on first use: torch and diffusers load only when a run trains."""
+    from harness.trainer import train as train_run
+
+    return train_run(*args, **kwargs)
 
 
 def record_failure(shared: Shared, run: RunSpec, error: BaseException) -> None:
@@ -333,7 +360,9 @@ def run_protocol(protocol: Protocol, only: tuple[str, ...] = (), report_only: bo
         for i, run in enumerate(runs, 1):
             try:
                 print(f"[{i}/{len(runs)}] {execute_run(shared, run)}", flush=True)
-            except (TrainingOutOfMemoryError, Exception) as error:  # one failing run must not stop the others
+            except (ModelUnavailableError, BackboneUnavailableError):
+                raise  # the same for every run: a setup error, reported with its ways out (exit status 2)
+            except Exception as error:  # one failing run (out of memory included) must not stop the others
                 log.debug("run %s failed", run.run_key, exc_info=True)
                 record_failure(shared, run, error)
                 failed.append((run, f"{type(error).__name__}: {error}"))
