@@ -148,6 +148,18 @@ def _check_subject_prompts(subject: SubjectSpec, at: tuple, errs: Collector) -> 
         errs.add(at + ("eval_prompts",), "is empty; remove it to use DreamBench's prompt list.")
 
 
+def _identifier_problem(subject: SubjectSpec) -> str | None:
+    """The identifier must tell the subject apart from its class: it cannot be a word of the class prompt."""
+    identifier = subject.identifier.strip().lower()
+    class_words = subject.class_text.lower().split()
+    if not identifier or " " in identifier or identifier not in [subject.class_noun or "", *class_words]:
+        return None
+    what = "the class noun itself" if identifier == (subject.class_noun or "").lower() else \
+        f"a word of the class prompt {subject.class_text!r}"
+    return (f"{subject.identifier!r} is {what}, so the instance prompt {subject.instance_text!r} cannot tell the "
+            "subject from its class. Use a rare token the model does not know as a word, e.g. 'sks'.")
+
+
 def _check_train(train: TrainSpec, at: tuple, errs: Collector, given: set[str]) -> None:
     if train.method not in METHODS:
         errs.add(at + ("method",), METHODS.unknown_message(train.method))
@@ -383,8 +395,13 @@ def _check_combinations(protocol: Protocol, errs: Collector, setting_at: dict[tu
     for name, settings in protocol.methods:
         for key, message in METHODS.get(name).check(settings, protocol.train):
             errs.add(setting_at.get((name, key), (name, key)), message)
-    for at, message in backend_of(protocol.model).check_protocol(protocol):
+    backend = backend_of(protocol.model)
+    for at, message in backend.check_protocol(protocol):
         errs.add(at, message)
+    for i, s in enumerate(protocol.subjects):
+        problem = _identifier_problem(s) or backend.identifier_problem(protocol.model, s.identifier.strip())
+        if problem:
+            errs.add(("subjects", i, "identifier"), problem)
 
 
 def _setting_places(data: dict, loose: dict[str, Any], study: tuple[str, ...]) -> dict[tuple[str, str], tuple]:
