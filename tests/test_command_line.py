@@ -107,3 +107,44 @@ def test_a_folder_as_the_protocol(tmp_path, capsys):
 def test_a_missing_protocol_file(tmp_path, capsys):
     assert main([str(tmp_path / "nope.yaml"), "--dry-run"]) == 2
     assert "protocol file not found" in capsys.readouterr().err
+
+
+@pytest.fixture
+def gif_study(tmp_path, monkeypatch) -> Path:
+    """A study whose subject has three photos and an animated GIF."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    for seed in range(3):
+        pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{seed}.jpg")
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    (tmp_path / "p.yaml").write_text(
+        "model: {id: tiny}\nsubjects:\n  - {name: dog, instance_dir: subject, class_noun: dog}\n"
+        "train: {resolution: 32}\neval: {backbones: tiny}\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _gif_notes(capsys, caplog) -> int:
+    captured = capsys.readouterr()
+    return sum(text.count("has 3 frames") for text in (captured.out, captured.err, caplog.text))
+
+
+def test_the_animated_gif_note_is_shown_once_by_the_dry_run(gif_study, capsys, caplog):
+    assert main(["p.yaml", "--dry-run"]) == 0
+    assert _gif_notes(capsys, caplog) == 1
+
+
+def test_the_animated_gif_note_is_shown_once_by_a_run(gif_study, capsys, caplog, monkeypatch):
+    import harness.runner as runner
+
+    for stage in ("ensure_pool", "score_real_images", "score_base_model"):  # no model: the images are prepared
+        monkeypatch.setattr(runner, stage, lambda *args, **kwargs: None)
+    monkeypatch.setattr(runner, "execute_run", lambda shared, run: f"{run.run_key}: skipped")
+    assert main(["p.yaml"]) == 0
+    assert (gif_study / "cache" / "instances").is_dir()  # the images were prepared (checked a second time)
+    assert _gif_notes(capsys, caplog) == 1
