@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.protocol}: checking the protocol and the images", flush=True)
         protocol = load_protocol(args.protocol)
         if args.dry_run:
+            from harness.ownership import check_outputs
             from harness.plan import format_plan, make_plan, select_runs
 
+            check_outputs(protocol)
             plan = make_plan(protocol)
             select_runs(plan, args.only)
             print(format_plan(plan))

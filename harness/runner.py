@@ -30,6 +30,7 @@ from harness.embedders import EmbeddingCache, make_embedders
 from harness.evaluator import Scorer, real_images_record, record_name, samples_record, write_record
 from harness.grid import RunSpec
 from harness.metrics import roles_for
+from harness.ownership import claim_outputs
 from harness.plan import Plan, make_plan, select_runs
 from harness.records import (
     ERROR_FILE,
@@ -346,6 +347,7 @@ def run_protocol(protocol: Protocol, only: tuple[str, ...] = (), report_only: bo
                  device: str | None = None) -> int:
     """Runs the protocol; returns the process exit status (0 when every selected run succeeded)."""
     started = time.perf_counter()
+    claim_outputs(protocol)  # another protocol file of the same name would have its outputs overwritten
     plan = make_plan(protocol)
     for note in plan.warnings:
         print(f"note: {note}")

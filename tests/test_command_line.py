@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -148,3 +149,31 @@ def test_the_animated_gif_note_is_shown_once_by_a_run(gif_study, capsys, caplog,
     assert main(["p.yaml"]) == 0
     assert (gif_study / "cache" / "instances").is_dir()  # the images were prepared (checked a second time)
     assert _gif_notes(capsys, caplog) == 1
+
+
+def test_two_protocol_files_with_one_name_never_share_outputs(study, capsys):
+    original = (study / "protocols" / "smoke.yaml").read_text()
+    (study / "protocols" / "copy.yaml").write_text(original)  # `name: smoke` kept
+    assert main(["protocols/smoke.yaml", "--report-only"]) == 0
+    written = {p: p.read_bytes() for p in (study / "results" / "smoke").iterdir()}
+    capsys.readouterr()
+    for extra in (["--dry-run"], ["--report-only"], []):
+        assert main(["protocols/copy.yaml", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert f"'smoke' is also the name of {study / 'protocols' / 'smoke.yaml'}" in err
+        assert "Give this protocol another name" in err
+    assert {p: p.read_bytes() for p in (study / "results" / "smoke").iterdir()} == written
+    (study / "protocols" / "copy.yaml").write_text(original.replace("name: smoke", "name: smoke_copy"))
+    assert main(["protocols/copy.yaml", "--dry-run"]) == 0
+
+
+def test_a_moved_study_or_a_renamed_protocol_keeps_its_outputs(study, tmp_path, monkeypatch):
+    assert main(["protocols/smoke.yaml", "--report-only"]) == 0
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(study, moved)
+    monkeypatch.chdir(moved)
+    assert main(["protocols/smoke.yaml", "--report-only"]) == 0  # the record resolves relative to the folder
+    (moved / "protocols" / "smoke.yaml").rename(moved / "protocols" / "renamed.yaml")
+    assert main(["protocols/renamed.yaml", "--report-only"]) == 0  # the old file is gone: no conflict
+    owner = json.loads((moved / "results" / "smoke" / "owner.json").read_text())
+    assert owner["protocol_file"] == "../../protocols/renamed.yaml"
