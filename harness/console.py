@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import sys
 import time
@@ -31,17 +32,17 @@ ETA_AFTER = 5.0  # seconds of measured work before an ETA is shown
 
 
 def quiet_libraries() -> None:
-    """Keeps the libraries' informational chatter (dtype casts, deprecations) out of the progress output."""
+    """Keeps the libraries' informational chatter (dtype casts, deprecations) out of the progress output without
+    importing them (diffusers alone takes seconds): they read their verbosity from the environment when they load."""
     import warnings
 
-    import diffusers
-    import transformers
-
+    for library in ("diffusers", "transformers"):
+        if library in sys.modules:  # already loaded (a notebook, a test): its setting is no longer read
+            sys.modules[library].utils.logging.set_verbosity_error()
+        else:
+            os.environ.setdefault(f"{library.upper()}_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("harness").setLevel(logging.INFO)
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars for a few MB
     for name in ("huggingface_hub", "timm", "open_clip", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -30,7 +30,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 # Bump when the preparation below changes its output, so cached PNGs are not reused across versions.
 PREP_VERSION = 1
 RECOMMENDED_MIN_IMAGES = 3
+RECOMMENDED_MAX_IMAGES = 6
 MAX_UPSCALE = 2
+MIN_CROP_SHARE = 0.5  # a centre square crop keeping less of the photo than this may cut the subject out
+MAX_TRANSPARENT_SHARE = 0.75  # transparent areas become white: beyond this the subject fills little of the image
 _ORIENTATION_TAG = 0x0112
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -88,6 +91,7 @@ class _Decoded:
     image: Image.Image  # 8-bit RGB, upright
     size: tuple[int, int]  # full size, upright, before any reduced-scale decoding
     frames: int
+    transparent: float = 0.0  # share of the pixels that are mostly transparent (alpha below half)
 
 
 @contextlib.contextmanager
@@ -113,7 +117,8 @@ def _decode(path: Path, min_side: int | None = None) -> _Decoded:
         if image.getexif().get(_ORIENTATION_TAG) in _SWAPPING_ORIENTATIONS:
             width, height = height, width
         upright = ImageOps.exif_transpose(image)
-        return _Decoded(image=to_rgb8(upright), size=(width, height), frames=frames)
+        return _Decoded(image=to_rgb8(upright), size=(width, height), frames=frames,
+                        transparent=_transparent_share(upright))
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -130,6 +135,14 @@ def to_rgb8(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _transparent_share(image: Image.Image) -> float:
+    """The share of pixels whose alpha is below half (0 for an image without transparency)."""
+    if image.mode not in _ALPHA_MODES and "transparency" not in image.info:
+        return 0.0
+    alpha = np.asarray(image.convert("RGBA").getchannel("A"))
+    return float((alpha < 128).mean()) if alpha.size else 0.0
 
 
 def _high_depth_to_grey(image: Image.Image) -> Image.Image:
@@ -161,7 +174,9 @@ def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
 
 
 def check_instances(subject: SubjectSpec, resolution: int) -> list[str]:
-    """Decodes every instance image; raises InstanceDataError naming every bad file, else returns warnings."""
+    """Decodes every instance image; raises InstanceDataError naming every bad file, else returns warnings about
+    usable but odd files, each naming its file. The caller shows them (once: this is called again when images are
+    prepared)."""
     folder = Path(subject.instance_dir)
     if not folder.is_dir():
         raise InstanceDataError(f"subject {subject.name!r}: the instance folder {folder} does not exist; point "
@@ -185,8 +200,10 @@ def check_instances(subject: SubjectSpec, resolution: int) -> list[str]:
     if usable < RECOMMENDED_MIN_IMAGES:
         warnings.append(f"subject {subject.name!r}: only {usable} usable image(s) in {folder}; DreamBooth works "
                         f"best with 3-6 photos of the subject from different angles.")
-    for warning in warnings:
-        logger.warning(warning)
+    if usable > RECOMMENDED_MAX_IMAGES:
+        warnings.append(f"subject {subject.name!r}: {usable} images in {folder}; DreamBooth works best with 3-6 "
+                        "photos of the subject from different angles. All are used, each seen less often in a run "
+                        "of the same length; keep the most varied 3-6 unless more is what you are testing.")
     return warnings
 
 
@@ -214,6 +231,14 @@ def _check_file(path: Path, resolution: int) -> tuple[str | None, list[str]]:
         notes.append(f"{path}: has {decoded.frames} frames (animated or multi-page); only the first frame is used.")
     if short < resolution:
         notes.append(f"{path}: {width}x{height} px is upscaled to {resolution} px; a bigger photo would be sharper.")
+    if short / max(width, height) < MIN_CROP_SHARE:
+        notes.append(f"{path}: {width}x{height} px ({max(width, height) / short:.1f}:1); training sees only its "
+                     f"centre square, {100 * short / max(width, height):.0f}% of the photo, which may leave the "
+                     "subject out. Crop it around the subject.")
+    if decoded.transparent > MAX_TRANSPARENT_SHARE:
+        notes.append(f"{path}: {100 * decoded.transparent:.0f}% of it is transparent, which becomes white, so the "
+                     f"subject fills only {100 * (1 - decoded.transparent):.0f}% of the image. Crop it closer "
+                     "around the subject.")
     return None, notes
 
 

@@ -23,6 +23,7 @@ import base64
 import hashlib
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -127,17 +128,15 @@ def run_key(identity: dict[str, Any]) -> str:
     return base64.b32encode(digest).decode().lower()[:RUN_KEY_LENGTH]
 
 
-def grid_points(protocol: Protocol) -> list[tuple[SubjectSpec, dict[str, Any]]]:
-    """Every (subject, grid values) combination, in grid order, before any deduplication."""
+def grid_points(protocol: Protocol) -> Iterator[tuple[SubjectSpec, dict[str, Any]]]:
+    """Every (subject, grid values) combination, in grid order, before any deduplication; generated one at a time
+    (there are `protocol.grid_size` of them, which the protocol's loader caps)."""
     axes = [(k, v) for k, v in protocol.grid if k != GRID_SUBJECT_KEY]
-    chosen = dict(protocol.grid).get(GRID_SUBJECT_KEY, tuple(s.name for s in protocol.subjects))
     names = [k for k, _ in axes]
-    points = []
-    for subject_name in chosen:
+    for subject_name in protocol.grid_subjects:
         subject = protocol.subject(subject_name)
         for values in itertools.product(*(v for _, v in axes)):
-            points.append((subject, dict(zip(names, values, strict=True))))
-    return points
+            yield subject, dict(zip(names, values, strict=True))
 
 
 def canonical_train(train: TrainSpec) -> TrainSpec:

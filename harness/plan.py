@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from harness.backends import backend_of
@@ -14,6 +16,10 @@ from harness.config import Protocol
 from harness.data import check_instances, list_instance_files
 from harness.grid import RunSpec, WorkEstimate, estimate_work, expand
 from harness.prompts import class_prompts, subject_prompts
+
+
+class UnknownRunError(ValueError):
+    """`--only` named a run key that is not in the protocol's plan."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,18 @@ def make_plan(protocol: Protocol) -> Plan:
     pools = plan_pools(runs)
     work = estimate_work(protocol, runs, {p.key: n for p, n in pools.items()})
     return Plan(protocol=protocol, runs=tuple(runs), pools=pools, work=work, warnings=tuple(warnings))
+
+
+def select_runs(plan: Plan, only: Sequence[str] = ()) -> tuple[RunSpec, ...]:
+    """The runs `--only` selects (every run when it names none); an unknown key is an UnknownRunError."""
+    keys = [r.run_key for r in plan.runs]
+    unknown = [k for k in dict.fromkeys(only) if k not in keys]
+    if unknown:
+        hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, keys, n=1)) else k
+                 for k in unknown]
+        raise UnknownRunError(f"--only {', '.join(hints)}: no such run key in protocol {plan.protocol.name!r}; "
+                              "--dry-run lists its runs and their keys.")
+    return tuple(r for r in plan.runs if not only or r.run_key in only)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -6,16 +6,18 @@ rebuilds the CSVs and the report. One failing run is recorded in its folder (err
 exit status says whether every selected run finished.
 
 What this module does not hold: any phase (prepare.py, execute.py, collect.py) or where it runs (executors).
+torch, diffusers and the trainer are imported where a phase needs them, so a re-run with nothing to do loads
+neither them nor a backbone.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 
 from harness.config import Protocol
 from harness.executors import EXECUTORS, ExecutionError, StudyJob
-from harness.plan import make_plan
+from harness.ownership import claim_outputs
+from harness.plan import make_plan, select_runs
 from harness.progress import longest_first
 
 
@@ -23,15 +25,11 @@ def run_protocol(protocol: Protocol, only: tuple[str, ...] = (), report_only: bo
                  device: str | None = None) -> int:
     """Runs the protocol; returns the process exit status (0 when every selected run succeeded)."""
     started = time.perf_counter()
+    claim_outputs(protocol)  # another protocol file of the same name would have its outputs overwritten
     plan = make_plan(protocol)
     for note in plan.warnings:
         print(f"note: {note}")
-    runs = [r for r in plan.runs if not only or r.run_key in only]
-    unknown = sorted(set(only) - {r.run_key for r in plan.runs})
-    if unknown:
-        print(f"error: --only {', '.join(unknown)}: no such run key in this protocol; --dry-run lists them.",
-              file=sys.stderr)
-        return 2
+    runs = list(select_runs(plan, only))
     from harness.collect import account, collect
     from harness.study import Study
 

@@ -5,7 +5,8 @@
 step, sampler, the PNG's size). Every image has its own generator, so an image never depends on the batch it was
 rendered in, and a sampling pass killed half way resumes image by image; a damaged image is rendered again.
 
-What this module does not hold: scoring (evaluator.py) or training.
+What this module does not hold: scoring (evaluator.py) or training. torch and diffusers are imported by the functions
+that render, so listing requests and checking what is on disk stays light.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from harness.config import EvalSpec, ModelSpec, SubjectSpec
-from harness.models import Components, make_pipeline, placed, torch_dtype
 from harness.progress import bar
 from harness.prompts import class_prompts, subject_prompts
 from harness.store import atomic_path, atomic_write_json, discard, png_problem, read_json, text_digest
+
+if TYPE_CHECKING:
+    import torch
+
+    from harness.models import Components
 
 SAMPLES_VERSION = 1
 
@@ -116,6 +119,8 @@ def read_samples(out_dir: Path, requests: Sequence[SampleRequest]) -> list[dict[
 
 def default_batch_size(device: torch.device, resolution: int) -> int:
     """A batch that fits comfortably: large on big GPUs, small elsewhere (guidance doubles the UNet batch)."""
+    import torch
+
     if device.type != "cuda":
         return 4
     free, _ = torch.cuda.mem_get_info(device)
@@ -141,6 +146,10 @@ def generate(
     batch size its first images were rendered with, so an image re-rendered after a kill or a repair is the same,
     pixel for pixel, as in an uninterrupted pass.
     """
+    import torch
+
+    from harness.models import make_pipeline, placed, torch_dtype
+
     device = torch.device(device)
     todo = missing(out_dir, requests)
     if not todo:
@@ -190,6 +199,8 @@ def render(pipe, prompts: Sequence[str], seeds: Sequence[int], resolution: int, 
            device: torch.device, negative_prompt: str = "") -> list:
     """One image per (prompt, seed). Latents and sampler noise come from each image's own CPU generator, so an
     image is the same on every device and in every batch (up to float rounding of batched kernels)."""
+    import torch
+
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     side = resolution // pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, side, side)

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,10 +64,22 @@ def text_digest(text: str, length: int | None = None) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
+def _temporary_file(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new file beside the target, opened for writing, with the mode a plain open() would give (0666 less the
+    umask): tempfile.mkstemp's 0600 would survive the rename and hide results from the other users of a machine."""
+    for _ in range(100):
+        name = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {folder}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Writes `data` to `path` so that readers see the old file or the new one, never half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary_file(path.parent, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -92,7 +104,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path for writers that need a file name (PIL, torch.save); renamed onto `path` on success."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    fd, tmp = _temporary_file(path.parent, f".{path.stem}.", path.suffix)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -140,11 +140,12 @@ def write_references(protocol: Protocol, subject: str, folder: Path, backbones: 
 
 def fabricate_study(protocol: Protocol, root: Path, *, fail_run: int | None = None, tiny_backbones: bool = True,
                     overrides: dict[tuple[int, int], dict[str, Value]] | None = None,
-                    base_values: dict[str, Value] | None = None) -> Study:
+                    base_values: dict[str, Value] | None = None, device: str = "NVIDIA H100 80GB HBM3") -> Study:
     """Records of every run of `protocol` under root/runs and root/references.
 
     fail_run: index (in table order) of a run that raises after its first snapshot: it gets an error.json and no
-    scores for its later steps. overrides: (run index, step) -> {metric: (mean, low, high)}.
+    scores for its later steps. overrides: (run index, step) -> {metric: (mean, low, high)}. device: what train.json
+    says the runs trained on.
     """
     backbones = TINY_BACKBONES if tiny_backbones else REAL_BACKBONES
     runs = sort_runs(expand(protocol, FIXED_DIGESTS))
@@ -177,7 +178,7 @@ def fabricate_study(protocol: Protocol, root: Path, *, fail_run: int | None = No
                 mixed_precision=run.train.mixed_precision, resumed_from_step=0,
                 loss_history=[{"step": s + 1, "instance": 0.1, "prior": 0.1, "lr": run.train.learning_rate}
                               for s in range(run.train.steps)],
-                device="NVIDIA H100 80GB HBM3"))
+                device=device))
     references = root / "references"
     for subject in sorted({r.subject.name for r in runs}):
         files += write_references(protocol, subject, references, backbones, base_values)

@@ -172,3 +172,45 @@ def test_dreambench_protocol_is_valid_once_its_data_is_in_place(tmp_path):
     assert len(p.subjects) == 30
     assert {s.class_noun for s in p.subjects} >= {"dog", "cat", "stuffed animal", "sneaker"}
     assert sum(s.live for s in p.subjects) == 9  # 2 cats and 7 dogs use the live-subject prompts
+
+
+@pytest.mark.parametrize(("identifier", "expected"), [
+    ("dog", "subjects[0].identifier: 'dog' is the class noun itself, so the instance prompt 'a dog dog' cannot tell "
+            "the subject from its class. Use a rare token the model does not know as a word, e.g. 'sks'."),
+    ("the", "subjects[0].identifier: 'the' is a common word for the model's tokenizer (whole word no. 7 of CLIP's "
+            "48,894 BPE merges"),
+    ("Photo", "'Photo' is a common word for the model's tokenizer"),
+    ("x", "'x' is a common word for the model's tokenizer (a single character"),
+])
+def test_an_identifier_the_model_already_knows_is_refused_with_a_rare_one_suggested(write_protocol, identifier,
+                                                                                       expected):
+    msg = problems(write_protocol(MINIMAL.replace("class_noun: dog", f"class_noun: dog\n    identifier: {identifier}")))
+    assert expected in msg
+    assert "'sks'" in msg
+
+
+def test_a_word_of_the_class_prompt_is_no_identifier(write_protocol):
+    subject = "class_noun: dog\n    identifier: furry\n    class_prompt: a furry {class}"
+    text = MINIMAL.replace("class_noun: dog", subject)
+    assert "'furry' is a word of the class prompt 'a furry dog'" in problems(write_protocol(text))
+
+
+@pytest.mark.parametrize("identifier", ["sks", "ohwx", "zwx", "teapotx"])
+def test_rare_tokens_and_words_of_several_tokens_are_accepted(write_protocol, identifier):
+    text = MINIMAL.replace("class_noun: dog", f"class_noun: dog\n    identifier: {identifier}")
+    assert load_protocol(write_protocol(text)).subjects[0].identifier == identifier
+
+
+def test_the_suggested_identifiers_are_rare_by_the_same_rule():
+    from harness.backends.clip_vocab import COMMON_WORD_RANK, RARE_EXAMPLES, common_word_problem, whole_word_rank
+
+    for word in RARE_EXAMPLES:
+        assert whole_word_rank(word) > COMMON_WORD_RANK and common_word_problem(word) is None
+    assert whole_word_rank("dog") < whole_word_rank("teapot") < whole_word_rank("sks")  # frequency order
+    assert whole_word_rank("zwx") is None  # several tokens
+
+
+def test_a_hub_model_is_checked_against_clips_vocabulary(write_protocol):
+    text = MINIMAL.replace("{id: tiny}", "{id: stable-diffusion-v1-5/stable-diffusion-v1-5}").replace(
+        "class_noun: dog", "class_noun: dog\n    identifier: cat")
+    assert "'cat' is a common word for the model's tokenizer" in problems(write_protocol(text))

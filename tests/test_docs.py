@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import pytest
 
-from harness.config import ClassImageSpec, EvalSpec, ModelSpec, OutputSpec, SubjectSpec, TrainSpec
+from harness.config import ClassImageSpec, EvalSpec, LimitSpec, ModelSpec, OutputSpec, SubjectSpec, TrainSpec
 from harness.methods import METHODS
 from harness.results import columns_markdown, images_columns_doc, references_columns_doc, runs_columns_doc
 from tests.conftest import REPO
@@ -14,7 +14,7 @@ from tests.conftest import REPO
 README = (REPO / "README.md").read_text()
 
 
-@pytest.mark.parametrize("spec", [ModelSpec, SubjectSpec, TrainSpec, ClassImageSpec, EvalSpec, OutputSpec,
+@pytest.mark.parametrize("spec", [ModelSpec, SubjectSpec, TrainSpec, ClassImageSpec, EvalSpec, OutputSpec, LimitSpec,
                                   *(cls.settings_type for _, cls in METHODS.items())])
 def test_every_protocol_key_is_in_the_reference(spec):
     missing = [f.name for f in fields(spec) if f"`{f.name}`" not in README]

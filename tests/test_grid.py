@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from harness.class_images import plan_pools
-from harness.config import load_protocol
-from harness.grid import expand, run_identity, run_key
+from harness.config import ProtocolError, load_protocol
+from harness.grid import expand, grid_points, run_identity, run_key
 from harness.methods.dreambooth import DreamBoothSettings
 from harness.plan import format_plan, make_plan
 from tests.conftest import MINIMAL, REPO, write_images
@@ -164,3 +166,47 @@ def test_dry_run_plan_lists_runs_pools_and_work():
     # 25 live prompts + 6 class prompts, 4 seeds, 4 snapshots per run, 7 runs; 200 class images; base model once.
     eval_images = 7 * 4 * (25 + 6) * 4
     assert f"{200} class + {eval_images} evaluation + {(25 + 6) * 4} base model" in text
+
+
+SIX_AXES_OF_TEN = """
+grid:
+  learning_rate: [1.0e-6, 2.0e-6, 3.0e-6, 4.0e-6, 5.0e-6, 6.0e-6, 7.0e-6, 8.0e-6, 9.0e-6, 1.0e-5]
+  seed: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+  num_class_images: [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+  adam_beta1: [0.80, 0.81, 0.82, 0.83, 0.84, 0.85, 0.86, 0.87, 0.88, 0.89]
+  adam_beta2: [0.990, 0.991, 0.992, 0.993, 0.994, 0.995, 0.996, 0.997, 0.998, 0.999]
+  adam_weight_decay: [0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09]
+"""
+
+
+def test_a_grid_above_the_cap_is_refused_before_it_is_expanded(write_protocol, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a refused grid must not be expanded")
+
+    monkeypatch.setattr("harness.grid.itertools.product", forbidden)
+    path = write_protocol(MINIMAL + SIX_AXES_OF_TEN)
+    with pytest.raises(ProtocolError) as info:
+        load_protocol(path)
+    message = str(info.value)
+    assert "grid: has 1,000,000 points (1 subject(s) x 10 learning_rate x 10 seed" in message
+    assert "more than the cap of 10,000 (limits.max_grid_points)" in message
+    assert "`limits: {max_grid_points: 1000000}`" in message
+    assert f"{path}:{path.read_text().splitlines().index('grid:') + 1}: grid: has" in message
+
+
+def test_the_cap_is_raised_in_the_protocol_and_the_grid_expands_lazily(write_protocol):
+    three_axes = MINIMAL + "\n".join(SIX_AXES_OF_TEN.splitlines()[:5]) + "\n"
+    with pytest.raises(ProtocolError, match="has 1,000 points"):
+        load_protocol(write_protocol(three_axes + "limits:\n  max_grid_points: 999\n"))
+    protocol = load_protocol(write_protocol(three_axes + "limits:\n  max_grid_points: 1000\n"))
+    assert protocol.grid_size == 1000
+    points = grid_points(protocol)
+    assert not isinstance(points, list)
+    first = next(points)
+    assert first[0].name == "dog" and first[1] == {"learning_rate": 1e-6, "seed": 0, "num_class_images": 10}
+    assert len(expand(protocol)) == 1000
+
+
+def test_the_cap_must_be_a_positive_integer(write_protocol):
+    with pytest.raises(ProtocolError, match=r"limits\.max_grid_points: must be at least 1, got 0"):
+        load_protocol(write_protocol(MINIMAL + "limits:\n  max_grid_points: 0\n"))

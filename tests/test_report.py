@@ -145,3 +145,70 @@ def test_grid_puts_each_image_in_its_row_and_column(tmp_path):
 
     assert centre(0, 0) == colours["grey"] and centre(0, 1) == colours["red"]
     assert centre(1, 0) == colours["grey"] and centre(1, 1) == (225, 225, 225)  # a missing image: a grey tile
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The matplotlib figures and the image grids' notices of the report, as they are saved."""
+    import harness.report.figures as figures
+    import harness.report.grids as grids
+
+    seen: dict[str, list] = {"figures": [], "notices": []}
+    save, compose = figures._save, grids.compose_grid
+
+    def keep_figure(figure, path):
+        seen["figures"].append(figure)
+        return save(figure, path)
+
+    def keep_notice(*args, **kwargs):
+        seen["notices"].append(kwargs.get("notice"))
+        return compose(*args, **kwargs)
+
+    monkeypatch.setattr(figures, "_save", keep_figure)
+    monkeypatch.setattr(grids, "compose_grid", keep_notice)
+    return seen
+
+
+def test_figures_and_grids_of_a_tiny_study_carry_the_notice_themselves(tiny, real, tmp_path, drawn):
+    _report(tiny, tmp_path / "tiny")
+    assert len(drawn["figures"]) == 3 and len(drawn["notices"]) == 2
+    for figure in drawn["figures"]:
+        assert any(BANNER.split(":")[0] in text.get_text() for text in figure.texts), figure.texts
+    assert drawn["notices"] == [f"{BANNER}."] * 2
+    drawn["figures"].clear()
+    drawn["notices"].clear()
+    _report(real, tmp_path / "real", tiny_backbones=False)
+    assert not any(BANNER.split(":")[0] in t.get_text() for f in drawn["figures"] for t in f.texts)
+    assert drawn["notices"] == [None, None]
+
+
+def test_series_with_the_same_values_stay_visible(tiny, tmp_path, drawn):
+    same = {"dino": (0.5, 0.47, 0.53), "pres": (0.5, 0.47, 0.53)}
+    # Both prior-preservation runs (table order: w=0, w=1 n=2, w=1 n=4) give the same numbers at every step.
+    _report(tiny, tmp_path, overrides={(i, s): same for i in (1, 2) for s in (2, 4)})
+    metrics_figure = drawn["figures"][0]
+    lines = [line for line in metrics_figure.axes[0].get_lines() if line.get_marker() != "None"]  # not references
+    assert len(lines) == 3
+    assert len({line.get_marker() for line in lines}) == 3
+    assert len({tuple(line.get_xdata()) for line in lines}) == 3  # side by side, not on top of each other
+    frontier = drawn["figures"][1]
+    markers = {tuple(c.get_paths()[0].vertices.round(3).flatten()) for c in frontier.axes[0].collections
+               if len(c.get_offsets()) == 2}
+    assert len(markers) == 3
+
+
+def test_the_setup_states_the_dtype_the_study_ran_in(tiny, tmp_path):
+    text, _ = _report(tiny, tmp_path / "cpu", device="cpu")
+    assert "- Model: `tiny` (random weights), fp32 (ran on the CPU, which computes in fp32; model.dtype fp16 " \
+           "applies on a GPU)." in text
+    text, _ = _report(tiny, tmp_path / "gpu")
+    assert "- Model: `tiny` (random weights), fp16." in text
+
+
+def test_a_prior_that_raises_drift_is_said_to_raise_it(tiny, tmp_path):
+    higher = {(1, 4): {"pres": (0.80, 0.77, 0.83)}, (2, 4): {"pres": (0.85, 0.82, 0.88)}}
+    text, _ = _report(tiny, tmp_path, overrides=higher)
+    verdict = text.split("## Verdict")[1].split("## Setup")[0]
+    assert "At step 4, prior preservation (w=1, n=2) raises PRES from 0.670 [0.640, 0.700] to 0.800 " \
+           "[0.770, 0.830] (intervals apart)." in verdict
+    assert "does not lower" not in verdict

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -168,3 +171,24 @@ def test_an_unreachable_model_fails_with_the_ways_out(tmp_path, monkeypatch, cap
     assert main(["protocols/smoke.yaml"]) == 2
     err = capsys.readouterr().err
     assert "nobody/no-such-model" in err and "tiny" in err
+
+
+@pytest.mark.slow
+def test_a_rerun_with_nothing_to_do_says_so_at_once_and_loads_nothing_heavy(study):
+    """A finished study re-run: the first line comes before any library loads, and neither diffusers, the trainer
+    nor a metric backbone is imported; the phase table shows CPU seconds beside the wall clock."""
+    code = ("import sys; from run_experiment import main; status = main(['protocols/smoke.yaml']); "
+            "heavy = [m for m in ('diffusers', 'transformers', 'harness.trainer', 'harness.caches', 'open_clip', "
+            "'timm', 'bitsandbytes') if m in sys.modules]; print('HEAVY', heavy); "
+            "import os; print('OMP', os.environ.get('OMP_WAIT_POLICY')); sys.exit(status)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([sys.executable, "-c", code], cwd=study, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "protocols/smoke.yaml: checking the protocol and the images"
+    assert "HEAVY []" in lines
+    assert "OMP PASSIVE" in lines  # idle CPU threads sleep unless the user chose otherwise
+    assert sum("already done" in line for line in lines) == 3
+    assert any(line.startswith("Time per phase:") and line.split()[-2:] == ["wall", "CPU"] for line in lines)

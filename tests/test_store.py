@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from dataclasses import replace
@@ -111,3 +112,17 @@ def test_two_processes_never_work_on_the_same_run(tmp_path, run_spec):
         holder.wait()
     with run.lock(timeout=5):  # free again once the other process is gone
         assert os.path.exists(run.path / ".lock")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=["022", "077", "002"])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask):
+    """Results and reports are read by other users of a shared machine: the temporary file's 0600 must not stick."""
+    previous = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"v": 1})
+        with atomic_path(tmp_path / "b.png") as tmp:
+            tmp.write_bytes(b"png")
+    finally:
+        os.umask(previous)
+    for name in ("a.json", "b.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name

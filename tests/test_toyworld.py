@@ -356,3 +356,15 @@ def test_the_verdict_pairs_prior_runs_with_the_run_that_differs_only_in_the_prio
         label = f"train_text_encoder={encoder}"
         pair = next(s for s in sentences if f"(w=1, {label}, n=4)" in s)
         assert f"(w=0, {label})" in pair
+
+
+@pytest.mark.parametrize(("identifier", "expected"), [
+    ("box", "'box' is the class noun itself"),
+    ("red", "'red' is a word of the toy world's captions; the identifier must be one of the world's rare tokens, "
+            "which no caption uses: sks, zwx, qlv, vrn."),
+])
+def test_a_toy_identifier_must_be_one_of_the_worlds_rare_tokens(tmp_path, identifier, expected):
+    with pytest.raises(ProtocolError) as error:
+        load_protocol(_toy_protocol(tmp_path, **{"subjects.0.identifier": identifier}))
+    assert expected in str(error.value)
+    assert load_protocol(_toy_protocol(tmp_path, **{"subjects.0.identifier": "qlv"})).subjects[0].identifier == "qlv"

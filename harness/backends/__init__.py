@@ -58,6 +58,11 @@ class ModelBackend:
         """Problems of the rest of the protocol with this model, as (key path, message)."""
         return []
 
+    def identifier_problem(self, model: Any, identifier: str) -> str | None:
+        """Why `identifier` cannot bind a subject for this model's tokenizer (a word it already knows well), with a
+        rare token to use instead; None when it is rare, or when the tokenizer is not known before loading."""
+        return None
+
     def load(self, model: Any, dtype: torch.dtype | None) -> Components:
         raise NotImplementedError
 
@@ -82,6 +87,10 @@ def load_components(model: Any, dtype: torch.dtype | None = None) -> Components:
     """The model's UNet, VAE, text encoder, tokenizer and scheduler config, from its backend.
 
     `dtype` None keeps each backend's own default (the hub model's `model.dtype`; float32 for the small offline
-    models, since half precision on a CPU is slow or unsupported).
+    models, since half precision on a CPU is slow or unsupported). transformers' per-file "Loading weights" bars are
+    turned off: a study loads its model once per run, and the bars would bury the progress lines.
     """
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     return backend_of(model).load(model, dtype)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.backends import ModelBackend, ModelUnavailableError, Resolved
+from harness.backends.clip_vocab import common_word_problem
 from harness.config.schema import DEFAULT_MODEL, ModelSpec
 
 if TYPE_CHECKING:
@@ -55,6 +56,11 @@ class HubBackend(ModelBackend):
             mid = str(folder)
         out.model = replace(model, id=mid)
         return out
+
+    def identifier_problem(self, model: ModelSpec, identifier: str) -> str | None:
+        """Checked against CLIP's vocabulary, which every SD 1.x and 2.x tokenizer ships: the model's own tokenizer
+        is only known once it is downloaded, and a model with another vocabulary is not checked beyond that."""
+        return common_word_problem(identifier)
 
     def load(self, model: ModelSpec, dtype: torch.dtype | None) -> Components:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

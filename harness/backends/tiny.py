@@ -9,13 +9,13 @@ What this module does not hold: real models (hub.py) or the toy world's pretrain
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.backends import ModelBackend
+from harness.backends.clip_vocab import clip_merges, common_word_problem
 from harness.config.schema import ModelSpec
 
 if TYPE_CHECKING:
@@ -34,6 +34,9 @@ CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 class TinyBackend(ModelBackend):
     random_weights = True
     plan_note = "random weights: pipeline check only, no quality conclusions"
+
+    def identifier_problem(self, model: ModelSpec, identifier: str) -> str | None:
+        return common_word_problem(identifier)  # its tokenizer is CLIP's
 
     def load(self, model: ModelSpec, dtype: torch.dtype | None) -> Components:
         tiny = build_tiny_components()
@@ -161,12 +164,7 @@ def write_clip_tokenizer_files(folder: Path) -> None:
 
 
 def _open_clip_merges() -> list[str]:
-    import open_clip.tokenizer  # imported here: open_clip pulls in timm and more, only needed for this file
-
-    with gzip.open(open_clip.tokenizer.default_bpe()) as f:
-        lines = f.read().decode("utf-8").split("\n")
-    # The first line is a header; CLIP uses the first 48894 merges (49152 - 256 byte tokens - 2 special tokens).
-    return lines[1 : 49152 - 256 - 2 + 1]
+    return list(clip_merges())
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -16,6 +16,7 @@ from harness.config.schema import (
     ClassImageSpec,
     EvalSpec,
     ExecutionSpec,
+    LimitSpec,
     ModelSpec,
     OutputSpec,
     Protocol,
@@ -26,6 +27,6 @@ from harness.config.yaml_lines import Problem, ProtocolError
 
 __all__ = [
     "DEFAULT_CLASS_EVAL_PROMPTS", "DEFAULT_METHOD", "DEFAULT_MODEL", "GRID_SUBJECT_KEY", "LIVE_CLASSES",
-    "ClassImageSpec", "EvalSpec", "ExecutionSpec", "ModelSpec", "OutputSpec", "Problem", "Protocol", "ProtocolError",
-    "SubjectSpec", "TrainSpec", "load_protocol", "override_execution",
+    "ClassImageSpec", "EvalSpec", "ExecutionSpec", "LimitSpec", "ModelSpec", "OutputSpec", "Problem", "Protocol",
+    "ProtocolError", "SubjectSpec", "TrainSpec", "load_protocol", "override_execution",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from pathlib import Path
@@ -113,11 +114,18 @@ def convert_field(cls: type, name: str, value: Any) -> Any:
 
 
 def field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+    return list(_field_names(cls))
 
 
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@functools.cache
 def in_identity(cls: type, name: str) -> bool:
-    """False for fields declared `rule(..., identity=False)`: they do not change what is trained."""
+    """False for fields declared `rule(..., identity=False)`: they do not change what is trained. Cached: a big
+    grid asks it for every field of every point."""
     return next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("identity", True)
 
 

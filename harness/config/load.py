@@ -26,6 +26,7 @@ from harness.config.schema import (
     ClassImageSpec,
     EvalSpec,
     ExecutionSpec,
+    LimitSpec,
     ModelSpec,
     OutputSpec,
     Protocol,
@@ -38,7 +39,7 @@ from harness.methods import METHODS, setting_owners
 from harness.metrics import METRICS
 
 BASE_TOP_LEVEL_KEYS = ("name", "description", "model", "subjects", "train", "class_images", "eval", "output", "grid",
-                       "execution")
+                       "execution", "limits")
 
 
 def top_level_keys() -> list[str]:
@@ -147,6 +148,18 @@ def _check_subject_prompts(subject: SubjectSpec, at: tuple, errs: Collector) -> 
         errs.add(at + ("identifier",), f"{subject.identifier!r} must be one non-empty word, e.g. 'sks'.")
     if subject.eval_prompts is not None and not subject.eval_prompts:
         errs.add(at + ("eval_prompts",), "is empty; remove it to use DreamBench's prompt list.")
+
+
+def _identifier_problem(subject: SubjectSpec) -> str | None:
+    """The identifier must tell the subject apart from its class: it cannot be a word of the class prompt."""
+    identifier = subject.identifier.strip().lower()
+    class_words = subject.class_text.lower().split()
+    if not identifier or " " in identifier or identifier not in [subject.class_noun or "", *class_words]:
+        return None
+    what = "the class noun itself" if identifier == (subject.class_noun or "").lower() else \
+        f"a word of the class prompt {subject.class_text!r}"
+    return (f"{subject.identifier!r} is {what}, so the instance prompt {subject.instance_text!r} cannot tell the "
+            "subject from its class. Use a rare token the model does not know as a word, e.g. 'sks'.")
 
 
 def _check_train(train: TrainSpec, at: tuple, errs: Collector, given: set[str]) -> None:
@@ -381,6 +394,19 @@ def _build_grid(raw: Any, train: TrainSpec, subjects: tuple[SubjectSpec, ...], m
     return tuple(axes)
 
 
+def _check_grid_size(protocol: Protocol, errs: Collector) -> None:
+    """A grid bigger than the cap is refused before it is expanded: one typo (a seventh axis, a range written out)
+    can make a study of millions of runs, and expanding it alone would take minutes."""
+    size, cap = protocol.grid_size, protocol.limits.max_grid_points
+    if size <= cap:
+        return
+    factors = [f"{len(protocol.grid_subjects)} subject(s)"]
+    factors += [f"{len(values)} {key}" for key, values in protocol.grid if key != GRID_SUBJECT_KEY]
+    errs.add(("grid",), f"has {size:,} points ({' x '.join(factors)}), more than the cap of {cap:,} "
+                        "(limits.max_grid_points). Narrow the grid; if the study really is this big, raise the cap "
+                        f"with `limits: {{max_grid_points: {size}}}` in the protocol.")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Checks across sections
 
@@ -412,8 +438,13 @@ def _check_combinations(protocol: Protocol, errs: Collector, setting_at: dict[tu
     for name, settings in protocol.methods:
         for key, message in METHODS.get(name).check(settings, protocol.train):
             errs.add(setting_at.get((name, key), (name, key)), message)
-    for at, message in backend_of(protocol.model).check_protocol(protocol):
+    backend = backend_of(protocol.model)
+    for at, message in backend.check_protocol(protocol):
         errs.add(at, message)
+    for i, s in enumerate(protocol.subjects):
+        problem = _identifier_problem(s) or backend.identifier_problem(protocol.model, s.identifier.strip())
+        if problem:
+            errs.add(("subjects", i, "identifier"), problem)
 
 
 def _setting_places(data: dict, loose: dict[str, Any], study: tuple[str, ...]) -> dict[tuple[str, str], tuple]:
@@ -470,12 +501,14 @@ def load_protocol(path: str | Path) -> Protocol:
     execution = build_section(ExecutionSpec, data.get("execution"), ("execution",), errs) or ExecutionSpec()
     _check_execution(execution, errs)
     grid = _build_grid(data.get("grid"), train, subjects, methods, study, errs)
+    limits = build_section(LimitSpec, data.get("limits"), ("limits",), errs) or LimitSpec()
     protocol = Protocol(
         name=name, path=path.resolve(), model=model, subjects=subjects, train=train, class_images=class_images,
         eval=evaluation, output=output, grid=grid, description=description.strip(), methods=methods,
-        train_unset=frozenset(field_names(TrainSpec)) - given, notes=tuple(notes), execution=execution,
+        train_unset=frozenset(field_names(TrainSpec)) - given, notes=tuple(notes), execution=execution, limits=limits,
     )
     if subjects:
+        _check_grid_size(protocol, errs)
         _check_combinations(protocol, errs, _setting_places(data, loose, study))
     errs.raise_if_any()
     return protocol

@@ -170,6 +170,17 @@ class OutputSpec:
     reports_dir: Path = Path("reports")
 
 
+DEFAULT_MAX_GRID_POINTS = 10_000
+
+
+@dataclass(frozen=True)
+class LimitSpec:
+    """Guards against a grid far bigger than intended, checked when the protocol loads, before anything is expanded."""
+
+    # The grid's cartesian product times its subjects, counted before runs are merged (snapshots, λ = 0).
+    max_grid_points: int = rule(DEFAULT_MAX_GRID_POINTS, min=1)
+
+
 @dataclass(frozen=True)
 class ExecutionSpec:
     """Where the runs execute: `local` workers on this machine, or a `slurm` job array. Nothing here changes a
@@ -211,6 +222,7 @@ class Protocol:
     train_unset: frozenset[str] = frozenset()
     notes: tuple[str, ...] = field(default=(), compare=False)  # non-fatal remarks (e.g. a moved model id)
     execution: ExecutionSpec = field(default_factory=ExecutionSpec, compare=False)
+    limits: LimitSpec = LimitSpec()
 
     def subject(self, name: str) -> SubjectSpec:
         return next(s for s in self.subjects if s.name == name)
@@ -222,6 +234,20 @@ class Protocol:
     def method_names(self) -> tuple[str, ...]:
         """The methods the study trains: the grid's `method` axis, or train.method."""
         return tuple(dict(self.grid).get("method", (self.train.method,)))
+
+    @property
+    def grid_subjects(self) -> tuple[str, ...]:
+        """The names of the subjects the grid trains: its `subject` axis, or every subject."""
+        return tuple(dict(self.grid).get(GRID_SUBJECT_KEY, tuple(s.name for s in self.subjects)))
+
+    @property
+    def grid_size(self) -> int:
+        """Grid points: the product of the axes' lengths times the subjects, before runs are merged."""
+        size = len(self.grid_subjects)
+        for key, values in self.grid:
+            if key != GRID_SUBJECT_KEY:
+                size *= len(values)
+        return size
 
     @property
     def results_dir(self) -> Path:

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from harness.metrics import metric_names
 from harness.report.tables import (
+    BANNER,
     FIELD_LABELS,
     REFERENCE_LABELS,
     ResultTables,
@@ -45,6 +46,14 @@ def _new_figure(width: float, height: float) -> Figure:
     return figure
 
 
+def _mark_pipeline_check(figure: Figure, tables: ResultTables) -> None:
+    """A figure of a tiny-model study says so itself, across its face, wherever it is copied to."""
+    if not tables.pipeline_check_only:
+        return
+    figure.text(0.5, 0.5, BANNER.replace(": ", "\n"), ha="center", va="center", rotation=20, fontsize=22,
+                color="tab:red", alpha=0.35, weight="bold", zorder=10)
+
+
 def _save(figure: Figure, path: Path) -> Path:
     from harness.store import atomic_path  # temp file in the folder + os.replace
 
@@ -54,6 +63,18 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 COLOUR_FAMILIES = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
+# One marker per series, and a small sideways offset, so that two series with the same values both stay visible.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+DODGE_FRACTION = 0.012  # of the x range, between neighbouring series
+
+
+def series_marker(index: int) -> str:
+    return MARKERS[index % len(MARKERS)]
+
+
+def dodge(index: int, count: int, span: float) -> float:
+    """The x offset of series `index` of `count`, centred on 0, so that equal points sit side by side."""
+    return (index - (count - 1) / 2) * DODGE_FRACTION * (span if span > 0 else 1.0)
 
 
 def _distinct_colours(keys: Sequence[str]) -> dict[str, Any]:
@@ -113,11 +134,12 @@ def plot_metrics_vs_steps(tables: ResultTables, subject: str, path: Path) -> Pat
     figure = _new_figure(4.4 * columns, 3.3 * lines + 0.9)
     axes = figure.subplots(lines, columns, squeeze=False)
     steps = sorted(rows["step"].unique())
+    span = float(steps[-1] - steps[0])
     for ax, metric in zip(axes.flat, metrics, strict=False):
-        for key, group in groups:
+        for i, (key, group) in enumerate(groups):
             label = config_label(group.iloc[0], tables.varied, step=False)
-            x = group["step"].to_numpy()
-            ax.plot(x, group[metric], marker="o", markersize=4, color=colours[key], label=label)
+            x = group["step"].to_numpy() + dodge(i, len(groups), span)
+            ax.plot(x, group[metric], marker=series_marker(i), markersize=4.5, color=colours[key], label=label)
             ax.fill_between(x, group[f"{metric}_ci_low"], group[f"{metric}_ci_high"], color=colours[key],
                             alpha=band_alpha, linewidth=0)
         _draw_reference_lines(ax, tables, subject, metric)
@@ -131,7 +153,9 @@ def plot_metrics_vs_steps(tables: ResultTables, subject: str, path: Path) -> Pat
     handles, labels = axes.flat[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=9,
                   title=legend_title(tables.varied), title_fontsize=9)
-    figure.suptitle(f"{subject}: metrics against training steps (bands: 95% intervals)", fontsize=12)
+    figure.suptitle(f"{subject}: metrics against training steps (bands: 95% intervals; series side by side where "
+                    "they meet)", fontsize=12)
+    _mark_pipeline_check(figure, tables)
     return _save(figure, path)
 
 
@@ -146,7 +170,7 @@ def plot_frontier(tables: ResultTables, subject: str, path: Path) -> Path | None
     sizes = {s: 4 + 6 * i / max(1, len(steps) - 1) for i, s in enumerate(steps)}
     figure = _new_figure(8.4, 7.0)
     ax = figure.subplots()
-    for key, group in groups:
+    for i, (key, group) in enumerate(groups):
         group = group[group["dino"].notna() & group["pres"].notna()]
         if group.empty:
             continue
@@ -155,7 +179,7 @@ def plot_frontier(tables: ResultTables, subject: str, path: Path) -> Path | None
                     yerr=[group["dino"] - group["dino_ci_low"], group["dino_ci_high"] - group["dino"]],
                     linewidth=1.2, elinewidth=0.6, capsize=0, alpha=0.55, color=colours[key])
         ax.scatter(group["pres"], group["dino"], s=[sizes[s] ** 2 for s in group["step"]], color=colours[key],
-                   edgecolors="white", linewidths=0.6, zorder=3,
+                   marker=series_marker(i), edgecolors="white", linewidths=0.6, zorder=3,
                    label=config_label(group.iloc[0], tables.varied, step=False))
         last = group.iloc[-1]
         if len(groups) <= 4:  # more labels would collide; marker size still tells the steps apart
@@ -182,6 +206,7 @@ def plot_frontier(tables: ResultTables, subject: str, path: Path) -> Path | None
     ax.grid(alpha=0.3)
     figure.legend(loc="outside lower center", ncols=4, fontsize=8, title=legend_title(tables.varied),
                   title_fontsize=8)
+    _mark_pipeline_check(figure, tables)
     return _save(figure, path)
 
 
@@ -206,13 +231,12 @@ def plot_diversity(tables: ResultTables, subject: str, path: Path) -> Path | Non
     for ax, metric in zip(axes, metrics, strict=True):
         series = _diversity_series(rows, x_field, others)
         colours = _distinct_colours(list(series))
-        dodge = _dodge_width(rows, x_field)
+        span = _x_span(rows, x_field)
         for i, (label, points) in enumerate(series.items()):
-            offset = (i - (len(series) - 1) / 2) * dodge  # side by side, so equal values stay visible
-            xs = [_x_position(p, x_field, rows) + offset for p in points]
+            xs = [_x_position(p, x_field, rows) + dodge(i, len(series), span) for p in points]
             e = [estimate(p, metric) for p in points]
             ax.errorbar(xs, [v.mean for v in e], yerr=[[v.mean - v.low for v in e], [v.high - v.mean for v in e]],
-                        marker="o", capsize=3, color=colours[label], label=label)
+                        marker=series_marker(i), capsize=3, color=colours[label], label=label)
         _draw_reference_lines(ax, tables, subject, metric)
         ax.set_title(_metric_title(metric, tables.higher_is_better[metric]), fontsize=10)
         ax.set_ylabel(metric_label(metric))
@@ -223,6 +247,7 @@ def plot_diversity(tables: ResultTables, subject: str, path: Path) -> Path | Non
     shared = " (prior weight 0 uses no class images: its point starts every line)" \
         if x_field == "prior_loss_weight" and others else ""
     figure.suptitle(f"{subject}: diversity at step {step}, bars 95% intervals{shared}", fontsize=11)
+    _mark_pipeline_check(figure, tables)
     return _save(figure, path)
 
 
@@ -246,12 +271,12 @@ def _diversity_series(rows: pd.DataFrame, x_field: str | None, others: list[str]
     return series
 
 
-def _dodge_width(rows: pd.DataFrame, x_field: str | None) -> float:
+def _x_span(rows: pd.DataFrame, x_field: str | None) -> float:
+    """The width of the x axis the series are spread over: the values' range, or 5 for categories."""
     if not _numeric_axis(rows, x_field):
-        return 0.06
+        return 5.0
     values = sorted(rows[x_field].dropna().unique())
-    span = (values[-1] - values[0]) if len(values) > 1 else 1.0
-    return 0.012 * span
+    return float(values[-1] - values[0]) if len(values) > 1 else 1.0
 
 
 def _numeric_axis(rows: pd.DataFrame, x_field: str | None) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from harness.report.tables import ResultTables, config_label, ok_rows, run_groups
+from harness.report.tables import BANNER, ResultTables, config_label, ok_rows, run_groups
 
 TILE = 160
 LABEL_WIDTH = 190
@@ -66,15 +66,20 @@ def _tile(path: Path | None) -> Image.Image:
         return image.resize((TILE, TILE), resample)
 
 
+NOTICE_COLOUR = (200, 30, 30)
+
+
 def compose_grid(title: str, column_labels: list[str], rows: list[tuple[str, list[Path | None]]],
-                 strip: tuple[str, list[Path]] | None = None) -> Image.Image:
-    """A labelled grid of tiles: a title, an optional strip of reference images, column headers, labelled rows."""
+                 strip: tuple[str, list[Path]] | None = None, notice: str | None = None) -> Image.Image:
+    """A labelled grid of tiles: a notice in red (a pipeline check), a title, an optional strip of reference
+    images, column headers, labelled rows."""
     columns = max([len(column_labels)] + [len(paths) for _, paths in rows])
     width = LABEL_WIDTH + columns * (TILE + PAD) + PAD
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     title_font, label_font = _font(17), _font(14)
+    notice_lines = _wrap(scratch, notice, title_font, width - 2 * PAD) if notice else []
     title_lines = _wrap(scratch, title, title_font, width - 2 * PAD)
-    title_height = 24 * len(title_lines) + PAD
+    title_height = 24 * (len(notice_lines) + len(title_lines)) + PAD
     header_lines = max((len(_wrap(scratch, c, label_font, TILE)) for c in column_labels), default=1)
     header_height = 18 * header_lines + PAD
     strip_height = TILE + 2 * PAD + 4 if strip else 0
@@ -82,8 +87,8 @@ def compose_grid(title: str, column_labels: list[str], rows: list[tuple[str, lis
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     y = PAD
-    for line in title_lines:
-        draw.text((PAD, y), line, fill="black", font=title_font)
+    for line, colour in [*((n, NOTICE_COLOUR) for n in notice_lines), *((t, "black") for t in title_lines)]:
+        draw.text((PAD, y), line, fill=colour, font=title_font)
         y += 24
     if strip:
         label, paths = strip
@@ -157,7 +162,8 @@ def image_grid(tables: ResultTables, subject: str, kind: str, preferred_prompts:
     what = "subject prompt" if kind == "subject" else "class prompt (language drift made visible)"
     title = f"{subject}: {what} \"{prompt}\", seed {seed}. Rows: configurations; columns: training steps."
     grid = compose_grid(title, ["base model (step 0)"] + [f"step {s}" for s in steps], grid_rows,
-                        strip=("real images (the subject)", real) if real else None)
+                        strip=("real images (the subject)", real) if real else None,
+                        notice=f"{BANNER}." if tables.pipeline_check_only else None)
     from harness.store import atomic_path
 
     with atomic_path(path) as tmp:

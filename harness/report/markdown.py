@@ -24,6 +24,7 @@ from harness.metrics import metric_names
 from harness.report.figures import plot_diversity, plot_frontier, plot_metrics_vs_steps
 from harness.report.grids import image_grid
 from harness.report.tables import (
+    BANNER,
     FIELD_LABELS,
     REFERENCE_LABELS,
     TIED,
@@ -44,7 +45,6 @@ from harness.results import IMAGES_CSV, METADATA_FILE, REFERENCES_CSV, RUNS_CSV
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
-BANNER = "Pipeline check only: tiny random models, no quality conclusions"
 
 
 def _safe_name(text: str) -> str:
@@ -103,7 +103,7 @@ def _setup(tables: ResultTables, protocol: Protocol | None) -> list[str]:
     runs = tables.runs
     lines = [
         f"- Model: `{model.get('id')}`{' (random weights)' if model.get('id') == 'tiny' else ''}{revision}, "
-        f"{model.get('dtype')}.",
+        f"{_dtype_text(model.get('dtype'), meta.get('devices') or [])}.",
         "- Subjects: " + ", ".join(f"{s['name']} (class '{s.get('class_noun')}', token '{s.get('identifier')}')"
                                    for s in meta.get("subjects", [])) + ".",
         "- Grid: " + ("; ".join(f"{FIELD_LABELS.get(k, k)} {v}" for k, v in tables.grid)
@@ -119,6 +119,13 @@ def _setup(tables: ResultTables, protocol: Protocol | None) -> list[str]:
         f"- Harness {meta.get('harness_version')}; protocol file `{meta.get('protocol_path')}`.",
     ]
     return lines
+
+
+def _dtype_text(dtype: str | None, devices: list[str]) -> str:
+    """The dtype the study ran in: a CPU computes in fp32 whatever model.dtype asks for the GPU."""
+    if devices and all(d == "cpu" for d in devices) and dtype not in (None, "fp32"):
+        return f"fp32 (ran on the CPU, which computes in fp32; model.dtype {dtype} applies on a GPU)"
+    return str(dtype)
 
 
 def _peak_memory(runs: pd.DataFrame) -> str:

@@ -25,6 +25,7 @@ from harness.metrics import METRICS, metric_names
 from harness.results import IMAGES_CSV, METADATA_FILE, REFERENCES_CSV, RUNS_CSV
 
 TIED = "tied within intervals"
+BANNER = "Pipeline check only: tiny random models, no quality conclusions"
 
 FIELD_LABELS = {"prior_loss_weight": "prior weight", "num_class_images": "class images",
                 "learning_rate": "learning rate", "train_text_encoder": "text encoder trained"}

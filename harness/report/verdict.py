@@ -139,10 +139,13 @@ def _prior_effect(tables: ResultTables, subject: str) -> list[str]:
 def _prior_sentence(tables: ResultTables, step: int, off: pd.Series, on: pd.Series, name_off: bool) -> str:
     p_off, p_on = estimate(off, "pres"), estimate(on, "pres")
     d_off, d_on = estimate(off, "dino"), estimate(on, "dino")
-    change = "lowers" if p_on.mean < p_off.mean else "does not lower"
     source = f" ({config_label(off, tables.varied, step=False)})" if name_off else ""
-    sentence = (f"At step {step}, prior preservation ({config_label(on, tables.varied, step=False)}) {change} "
-                f"PRES from {p_off.text()}{source} to {p_on.text()}")
+    if p_on.mean == p_off.mean:
+        change = f"leaves PRES where it was: {p_off.text()}{source} and {p_on.text()}"
+    else:  # the verb follows the numbers: a prior that raises drift is said to raise it
+        verb = "lowers" if p_on.mean < p_off.mean else "raises"
+        change = f"{verb} PRES from {p_off.text()}{source} to {p_on.text()}"
+    sentence = f"At step {step}, prior preservation ({config_label(on, tables.varied, step=False)}) {change}"
     sentence += "; the intervals overlap, so the grid does not show a difference." if p_on.overlaps(p_off) else \
         " (intervals apart)."
     if d_on.known and d_off.known:

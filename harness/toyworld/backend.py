@@ -22,7 +22,7 @@ from harness.toyworld.models import (
     unknown_words,
     weights_revision,
 )
-from harness.toyworld.world import IMAGE_SIZE, vocabulary
+from harness.toyworld.world import IMAGE_SIZE, RARE_TOKENS, vocabulary
 
 if TYPE_CHECKING:
     import torch
@@ -72,6 +72,16 @@ class ToyWorldBackend(ModelBackend):
             for j, template in enumerate(protocol.eval.class_prompts):
                 check(("eval", "class_prompts", j), template, subject)
         return problems
+
+    def identifier_problem(self, model: ModelSpec, identifier: str) -> str | None:
+        """The toy world's tokenizer is its vocabulary: the identifier must be one of its rare tokens, which no
+        caption uses; any other word of the vocabulary already means something to the model."""
+        if identifier.lower() in RARE_TOKENS:
+            return None
+        known = "a word of the toy world's captions" if identifier.lower() in vocabulary() else \
+            "not in the toy world's vocabulary"
+        return (f"{identifier!r} is {known}; the identifier must be one of the world's rare tokens, which no caption "
+                f"uses: {', '.join(RARE_TOKENS)}.")
 
     def load(self, model: ModelSpec, dtype: torch.dtype | None) -> Components:
         return load_toyworld_components(dtype)
