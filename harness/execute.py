@@ -20,15 +20,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from harness.backends import load_components
-from harness.caches import build_training_data
+from harness.backbones import BackboneUnavailableError
+from harness.backends import ModelUnavailableError, load_components
 from harness.class_images import pool_for
 from harness.evaluator import samples_record, write_record
 from harness.grid import RunSpec
-from harness.models import Components
 from harness.prepare import grow_pool
 from harness.progress import run_costs
 from harness.records import (
@@ -44,7 +42,12 @@ from harness.records import (
 from harness.sampling import eval_requests, generate, missing, read_samples
 from harness.store import RunFolder
 from harness.study import Study
-from harness.trainer import StepLoss, TrainingOutOfMemoryError, train
+
+if TYPE_CHECKING:
+    import torch
+
+    from harness.models import Components
+    from harness.trainer import StepLoss
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,8 @@ def training_data(study: Study, run: RunSpec, components: Components):
     class_paths = None
     if pool is not None:
         class_paths = grow_pool(study, pool, run.train.num_class_images)
+    from harness.caches import build_training_data
+
     return build_training_data(
         components, study.instance_paths(run.subject, run.train.resolution), run.subject.instance_text,
         run.train.resolution, study.cache_dir, study.device,
@@ -141,6 +146,8 @@ def execute_run(study: Study, run: RunSpec) -> tuple[str, str]:
     for step in state.unscored:  # images whole but not scored (interrupted while scoring): no model needed
         score_snapshot(study, folder, step, 0.0)
     if state.to_sample or not state.trained:
+        import torch  # only here: a run that is done loads neither torch nor the trainer
+
         study.reporter.activity("load model")
         with study.timings.phase("load model"), failing_phase("prepare"):
             # fp32 master weights for training, loaded as published rather than rounded through fp16
@@ -162,6 +169,13 @@ def execute_run(study: Study, run: RunSpec) -> tuple[str, str]:
     result = read_train(folder.path)
     sec = f"{result.seconds_per_step:.3f} s/step" if result.seconds_per_step else "-"
     return outcome, f"{run.run_key} {run_label(run)}: {text} ({sec})"
+
+
+def train(*args: Any, **kwargs: Any) -> Any:
+    """The trainer (harness.trainer.train), imported on first use: torch and diffusers load only when a run trains."""
+    from harness.trainer import train as train_run
+
+    return train_run(*args, **kwargs)
 
 
 def record_failure(study: Study, run: RunSpec, error: BaseException) -> str:
@@ -218,7 +232,9 @@ def attempt(study: Study, run: RunSpec, cost, held: bool = False) -> str:
     study.reporter.start_run(run.run_key, run_label(run), cost)
     try:
         outcome, summary = execute_run(study, run)
-    except (TrainingOutOfMemoryError, Exception) as error:  # one failing run must not stop the others
+    except (ModelUnavailableError, BackboneUnavailableError):
+        raise  # the same for every run: a setup error, reported with its ways out (exit status 2)
+    except Exception as error:  # one failing run (out of memory included) must not stop the others
         log.debug("run %s failed", run.run_key, exc_info=True)
         outcome, summary = FAILED, record_failure(study, run, error)
     if held and outcome == DONE:

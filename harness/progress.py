@@ -92,7 +92,8 @@ class WorkerStatus:
     finished: list[dict[str, Any]] = field(default_factory=list)  # {"run_key", "outcome", "summary", "seconds"}
     messages: list[str] = field(default_factory=list)
     message_count: int = 0  # messages ever sent (the list keeps the last MAX_MESSAGES)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per phase
+    cpu_timings: dict[str, float] = field(default_factory=dict)  # CPU seconds per phase
     updated: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
@@ -116,9 +117,10 @@ class Reporter:
         self._publish = publish
         self._last = 0.0
         self._cost = RunCost(0.0, 0.0, 0.0)
-        self._timings: Callable[[], dict[str, float]] | None = None
+        self._timings: Any = None
 
-    def follow_timings(self, timings: Callable[[], dict[str, float]]) -> None:
+    def follow_timings(self, timings: Any) -> None:
+        """Publishes the phases of `timings` (a study.Timings) with every status."""
         self._timings = timings
 
     def publish(self, force: bool = True) -> None:
@@ -128,7 +130,8 @@ class Reporter:
         self._last = now
         self.status.updated = now
         if self._timings is not None:
-            self.status.timings = dict(self._timings())
+            self.status.timings = dict(self._timings.seconds)
+            self.status.cpu_timings = dict(self._timings.cpu_seconds)
         self._publish(self.status)
 
     # -- runs --------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 from harness.config import Protocol
+from harness.devices import resolve_device
 from harness.executors import EXECUTORS, ExecutionError, StudyJob
 from harness.ownership import claim_outputs
 from harness.plan import make_plan, select_runs
@@ -25,6 +26,8 @@ def run_protocol(protocol: Protocol, only: tuple[str, ...] = (), report_only: bo
                  device: str | None = None) -> int:
     """Runs the protocol; returns the process exit status (0 when every selected run succeeded)."""
     started = time.perf_counter()
+    if device is not None:
+        resolve_device(device)  # a device this machine lacks is a setup error, found before any file is written
     claim_outputs(protocol)  # another protocol file of the same name would have its outputs overwritten
     plan = make_plan(protocol)
     for note in plan.warnings:

@@ -18,59 +18,63 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from harness.backends import load_components
 from harness.config import Protocol, SubjectSpec
 from harness.data import folder_digest, list_instance_files, prepare_instances
+from harness.devices import resolve_device
 from harness.evaluator import Scorer, record_name
-from harness.models import Components
 from harness.progress import Reporter
 from harness.records import snapshot_dir as record_snapshot_dir
 from harness.sampling import SamplerSettings, base_samples_key, sampler_settings, samples_key
 from harness.store import RunFolder, RunStore, lock_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from harness.models import Components
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Timings:
-    """Wall-clock seconds per phase. Phases nest (sampling happens inside training); each second counts once,
-    in the innermost phase, so the phases add up to the total."""
+    """Wall-clock and CPU seconds (every thread of the process) per phase. Phases nest (sampling happens inside
+    training); each second counts once, in the innermost phase, so the phases add up to the total. On a shared
+    machine the wall clock says how busy the others were; the CPU seconds say what the phase cost."""
 
     seconds: dict[str, float] = field(default_factory=dict)
-    _inner: list[float] = field(default_factory=list)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    _inner: list[tuple[float, float]] = field(default_factory=list)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        self._inner.append(0.0)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        self._inner.append((0.0, 0.0))
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - started
-            nested = self._inner.pop()
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+            nested, nested_cpu = self._inner.pop()
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - nested
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + cpu - nested_cpu
             if self._inner:
-                self._inner[-1] += elapsed
+                outer, outer_cpu = self._inner[-1]
+                self._inner[-1] = (outer + elapsed, outer_cpu + cpu)
 
-    def add(self, seconds: dict[str, float]) -> None:
+    def add(self, seconds: dict[str, float], cpu_seconds: dict[str, float] | None = None) -> None:
         """Adds another process's phases (a worker's) to these."""
-        for name, value in seconds.items():
-            self.seconds[name] = self.seconds.get(name, 0.0) + float(value)
+        for mine, theirs in ((self.seconds, seconds), (self.cpu_seconds, cpu_seconds or {})):
+            for name, value in theirs.items():
+                mine[name] = mine.get(name, 0.0) + float(value)
 
     def table(self) -> str:
-        total = sum(self.seconds.values())
-        lines = [f"  {name:<28} {sec:9.1f} s" for name, sec in self.seconds.items()]
-        return "\n".join(["Time per phase:", *lines, f"  {'total':<28} {total:9.1f} s"])
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        total, total_cpu = sum(self.seconds.values()), sum(self.cpu_seconds.values())
+        lines = [f"  {name:<28} {sec:9.1f} s {self.cpu_seconds.get(name, 0.0):9.1f} s"
+                 for name, sec in self.seconds.items()]
+        return "\n".join([f"Time per phase:{'wall':>24} {'CPU':>11}", *lines,
+                          f"  {'total':<28} {total:9.1f} s {total_cpu:9.1f} s"])
 
 
 @dataclass
@@ -90,7 +94,7 @@ class Study:
     @classmethod
     def open(cls, protocol: Protocol, device: torch.device | str | None = None,
              reporter: Reporter | None = None) -> Study:
-        return cls(protocol=protocol, device=pick_device(str(device) if device is not None else None),
+        return cls(protocol=protocol, device=resolve_device(str(device) if device is not None else None),
                    store=RunStore(protocol.output.runs_dir), cache_dir=Path(protocol.output.cache_dir),
                    reporter=reporter or Reporter())
 
@@ -106,6 +110,8 @@ class Study:
 
     @property
     def inference_dtype(self) -> torch.dtype | None:
+        import torch
+
         return None if self.device.type == "cuda" else torch.float32
 
     def scorer(self) -> Scorer:
@@ -126,6 +132,8 @@ class Study:
         self._base = None
         self._scorer = None
         if self.device.type == "cuda":
+            import torch
+
             torch.cuda.empty_cache()
 
     # -- inputs ------------------------------------------------------------------------------------------------

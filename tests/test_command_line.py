@@ -141,12 +141,13 @@ def test_the_animated_gif_note_is_shown_once_by_the_dry_run(gif_study, capsys, c
 
 
 def test_the_animated_gif_note_is_shown_once_by_a_run(gif_study, capsys, caplog, monkeypatch):
-    import harness.runner as runner
+    import harness.execute as execute
+    import harness.prepare as prepare
 
-    for stage in ("ensure_pool", "score_real_images", "score_base_model"):  # no model: the images are prepared
-        monkeypatch.setattr(runner, stage, lambda *args, **kwargs: None)
-    monkeypatch.setattr(runner, "execute_run", lambda shared, run: f"{run.run_key}: skipped")
-    assert main(["p.yaml"]) == 0
+    for stage in ("grow_pool", "score_real_images", "score_base_model"):  # no model: the images are prepared
+        monkeypatch.setattr(prepare, stage, lambda *args, **kwargs: None)
+    monkeypatch.setattr(execute, "execute_run", lambda study, run: (execute.DONE, f"{run.run_key}: skipped"))
+    assert main(["p.yaml"]) == 1  # the stubbed run trained nothing: it is reported as unfinished
     assert (gif_study / "cache" / "instances").is_dir()  # the images were prepared (checked a second time)
     assert _gif_notes(capsys, caplog) == 1
 

@@ -6,7 +6,8 @@ yaml_lines.py (YAML with line numbers), fields.py (conversion and range checks),
 across sections).
 """
 
-from harness.config.load import load_protocol, override_execution
+from harness.config.execution import override_execution
+from harness.config.load import load_protocol
 from harness.config.schema import (
     DEFAULT_CLASS_EVAL_PROMPTS,
     DEFAULT_METHOD,

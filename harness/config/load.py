@@ -20,6 +20,7 @@ from typing import Any
 
 from harness.backbones import BACKBONES
 from harness.backends import backend_of
+from harness.config.execution import check_execution
 from harness.config.fields import check_rules, convert_field, field_names, suggest
 from harness.config.schema import (
     GRID_SUBJECT_KEY,
@@ -34,7 +35,6 @@ from harness.config.schema import (
     TrainSpec,
 )
 from harness.config.yaml_lines import Collector, read_yaml
-from harness.executors import EXECUTORS, ExecutionError
 from harness.methods import METHODS, setting_owners
 from harness.metrics import METRICS
 
@@ -189,47 +189,6 @@ def _check_eval(spec: EvalSpec, errs: Collector) -> None:
     for m in spec.metrics:
         if m not in METRICS:
             errs.add(at + ("metrics",), f"unknown metric {m!r}; {suggest(m, METRICS.names(), 'metrics')}")
-
-
-def _check_execution(spec: ExecutionSpec, errs: Collector) -> None:
-    at = ("execution",)
-    if spec.executor not in EXECUTORS:
-        errs.add(at + ("executor",), EXECUTORS.unknown_message(spec.executor))
-    if spec.gpus is not None:
-        if any(g < 0 for g in spec.gpus):
-            errs.add(at + ("gpus",), f"GPU indices are 0 or more, got {list(spec.gpus)}.")
-        if len(set(spec.gpus)) != len(spec.gpus):
-            errs.add(at + ("gpus",), f"has repeated GPUs {list(spec.gpus)}; list each GPU once.")
-        if not spec.gpus:
-            errs.add(at + ("gpus",), "is empty; list GPU indices, e.g. [0, 1], or leave it out to use every GPU.")
-    for line in spec.sbatch:
-        if not line.startswith("--") or line == "--":
-            errs.add(at + ("sbatch",), f"{line!r} is not an sbatch option; write options as in sbatch's manual, "
-                                       "e.g. '--qos=high' or '--exclusive'.")
-
-
-def override_execution(protocol: Protocol, values: dict[str, Any], source: str = "--execution") -> Protocol:
-    """The protocol with some `execution` settings replaced (from the command line); raises ExecutionError naming
-    every bad setting and what it accepts."""
-    names = field_names(ExecutionSpec)
-    converted, problems = {}, []
-    for key, value in values.items():
-        if key not in names:
-            problems.append(f"{source} {key}: unknown setting; {suggest(key, names)}")
-            continue
-        try:
-            converted[key] = convert_field(ExecutionSpec, key, value)
-        except ValueError as e:
-            problems.append(f"{source} {key}: {e}.")
-    spec = replace(protocol.execution, **converted)
-    problems += [f"{source} {name}: {message}" for name, message in check_rules(spec) if name in converted]
-    errs = Collector(protocol.path, {})
-    _check_execution(spec, errs)
-    problems += [f"{source} {p.key.removeprefix('execution.')}: {p.message}" for p in errs.problems
-                 if p.key.removeprefix("execution.").split(".")[0] in converted]
-    if problems:
-        raise ExecutionError("\n".join(problems))
-    return replace(protocol, execution=spec)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -499,7 +458,7 @@ def load_protocol(path: str | Path) -> Protocol:
     _check_eval(evaluation, errs)
     output = build_section(OutputSpec, data.get("output"), ("output",), errs) or OutputSpec()
     execution = build_section(ExecutionSpec, data.get("execution"), ("execution",), errs) or ExecutionSpec()
-    _check_execution(execution, errs)
+    check_execution(execution, errs)
     grid = _build_grid(data.get("grid"), train, subjects, methods, study, errs)
     limits = build_section(LimitSpec, data.get("limits"), ("limits",), errs) or LimitSpec()
     protocol = Protocol(

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from harness.grid import RunSpec
     from harness.plan import Plan
     from harness.progress import WorkerStatus
+    from harness.study import Timings
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,8 @@ def run_workers(job: StudyJob, slots: list[Slot]) -> StudyOutcome:
             raise
         finally:
             pool.close()
-        study.timings.add(pool.timings())
+        workers = pool.timings()
+        study.timings.add(workers.seconds, workers.cpu_seconds)
         study.reporter = Reporter("collect", "cpu", publish=view.update)
         results, report = collect(job.plan, study)
         study.reporter.close()
@@ -312,14 +314,16 @@ class WorkerPool:
                 lock.release()
         self.view.print(f"{run.run_key} FAILED: {message}")
 
-    def timings(self) -> dict[str, float]:
+    def timings(self) -> Timings:
+        """The phases of every worker, added up."""
         from harness.progress import read_status
+        from harness.study import Timings
 
-        total: dict[str, float] = {}
+        total = Timings()
         for name in self.slot_of:
             status = read_status(self.status_path(name))
-            for phase, seconds in (status.timings if status else {}).items():
-                total[phase] = total.get(phase, 0.0) + seconds
+            if status is not None:
+                total.add(status.timings, status.cpu_timings)
         return total
 
     def close(self) -> None:
@@ -450,7 +454,7 @@ def _work(order: WorkerOrder, queue: Any) -> None:
     from harness.study import Study
 
     study = Study.open(order.protocol, order.slot.device, reporter)
-    reporter.follow_timings(lambda: study.timings.seconds)
+    reporter.follow_timings(study.timings)
     forward_logs(reporter)
     with reporting(reporter):
         work(study, _QueueOfRuns(queue, order.runs))

@@ -15,12 +15,15 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import submitit
 
 from harness.executors import StudyFailedError, StudyJob, StudyOutcome
 from harness.executors.slurm_settings import WAIT_POLL_SECONDS, sbatch_parameters, setup_lines
+
+if TYPE_CHECKING:
+    from harness.study import Timings
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class StudyTask(submitit.helpers.Checkpointable):
         name = self.phase if index is None else f"task{index}"
         reporter = Reporter(name, socket.gethostname(), publish=file_publisher(self.order.status_dir / f"{name}.json"))
         study = Study.open(self.order.plan.protocol, "cpu" if self.phase == "collect" else None, reporter)
-        reporter.follow_timings(lambda: study.timings.seconds)
+        reporter.follow_timings(study.timings)
         forward_logs(reporter)
         with reporting(reporter):
             result = self._phase(study, index)
@@ -76,21 +79,19 @@ class StudyTask(submitit.helpers.Checkpointable):
             return None
         from harness.collect import collect
 
-        study.timings.add(_phase_timings(self.order.status_dir, but="collect"))
+        _add_phase_timings(study.timings, self.order.status_dir, but="collect")
         results, report = collect(plan, study)
         return {"results": str(results), "report": str(report), "timings": dict(study.timings.seconds)}
 
 
-def _phase_timings(status_dir: Path, but: str) -> dict[str, float]:
+def _add_phase_timings(timings: Timings, status_dir: Path, but: str) -> None:
+    """Adds the phases every task but `but` published to `timings`."""
     from harness.progress import read_status
 
-    total: dict[str, float] = {}
     for path in sorted(status_dir.glob("*.json")):
         status = read_status(path)
         if status is not None and status.worker != but:
-            for phase, seconds in status.timings.items():
-                total[phase] = total.get(phase, 0.0) + seconds
-    return total
+            timings.add(status.timings, status.cpu_timings)
 
 
 # --------------------------------------------------------------------------------------------------------------
