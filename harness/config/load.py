@@ -94,6 +94,7 @@ def _build_subjects(raw: Any, base: Path, errs: Collector) -> tuple[SubjectSpec,
         errs.add(("subjects",), "must be a non-empty list of subjects, each with name and instance_dir.")
         return ()
     subjects = []
+    missing_data: dict[str, list[tuple[int, SubjectSpec, Path]]] = {}  # download hint -> subjects it would fill
     for i, item in enumerate(raw):
         at = ("subjects", i)
         subject = build_section(SubjectSpec, item, at, errs)
@@ -103,13 +104,17 @@ def _build_subjects(raw: Any, base: Path, errs: Collector) -> tuple[SubjectSpec,
                 errs.add(at, f"is missing {' and '.join(missing)}; every subject needs a name and an instance_dir.")
             continue
         folder = subject.instance_dir if subject.instance_dir.is_absolute() else (base / subject.instance_dir).resolve()
-        if not folder.is_dir():
+        if not folder.is_dir() and (hint := _dataset_hint(folder)):
+            missing_data.setdefault(hint, []).append((i, subject, folder))
+        elif not folder.is_dir():
             parent = "" if folder.parent.is_dir() else f" (nor does its parent {folder.parent})"
             errs.add(at + ("instance_dir",), f"folder {folder} does not exist{parent}. Paths are relative to the "
                                              "protocol file's folder; point it at a folder of 3-6 photos of the "
-                                             "subject." + _dataset_hint(folder))
+                                             "subject.")
         _check_subject_prompts(subject, at, errs)
         subjects.append(replace(subject, instance_dir=folder))
+    for hint, missing in missing_data.items():
+        _missing_dataset(hint, missing, errs)
     names = [s.name for s in subjects]
     for name in sorted({n for n in names if names.count(n) > 1}):
         errs.add(("subjects",), f"the name {name!r} is used by more than one subject; names must be unique.")
@@ -117,13 +122,26 @@ def _build_subjects(raw: Any, base: Path, errs: Collector) -> tuple[SubjectSpec,
 
 
 def _dataset_hint(folder: Path) -> str:
-    """Where a public dataset folder is missing, the command that downloads it."""
+    """Where a public dataset folder is missing, the command that downloads it ("" elsewhere)."""
     try:
         from harness.datasets import dataset_hint
     except ImportError:
         return ""
-    hint = dataset_hint(folder)
-    return f" {hint}" if hint else ""
+    return dataset_hint(folder) or ""
+
+
+def _missing_dataset(hint: str, missing: list[tuple[int, SubjectSpec, Path]], errs: Collector) -> None:
+    """One problem for every missing instance folder that one download fills, at the first such subject."""
+    first, _, folder = missing[0]
+    if len(missing) == 1:
+        errs.add(("subjects", first, "instance_dir"), f"folder {folder} does not exist. {hint[:1].upper()}{hint[1:]}, "
+                                                      "then run this command again.")
+        return
+    names = [s.name for _, s, _ in missing]
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    errs.add(("subjects", first, "instance_dir"), f"the instance folders of {len(missing)} subjects ({shown}) do not "
+                                                  f"exist under {folder.parent}. {hint[:1].upper()}{hint[1:]}, then "
+                                                  "run this command again.")
 
 
 def _check_subject_prompts(subject: SubjectSpec, at: tuple, errs: Collector) -> None:
@@ -173,6 +191,11 @@ def _check_eval(spec: EvalSpec, errs: Collector) -> None:
     for m in spec.metrics:
         if m not in METRICS:
             errs.add(at + ("metrics",), f"unknown metric {m!r}; {suggest(m, METRICS.names(), 'metrics')}")
+    if spec.lpips_net != EvalSpec.lpips_net and spec.backbones in BACKBONES:
+        offered = BACKBONES.get(spec.backbones).lpips_nets
+        if spec.lpips_net not in offered:
+            errs.add(at + ("lpips_net",), f"the {spec.backbones!r} backbone set has one LPIPS network of its own, "
+                                          f"so it cannot use {spec.lpips_net!r}; remove eval.lpips_net.")
 
 
 # --------------------------------------------------------------------------------------------------------------
