@@ -146,7 +146,8 @@ def prepare(plan: Plan, shared: Shared, runs: list[RunSpec]) -> None:
             if any(pool_for(r) == pool for r in runs):
                 ensure_pool(pool, n, shared.cache_dir, shared.base_components, shared.device)
     with shared.timings.phase("load backbones"):
-        embedders = make_embedders(protocol.eval.backbones, shared.device, roles=roles_for(protocol.eval.metrics))
+        embedders = make_embedders(protocol.eval.backbones, shared.device, roles=roles_for(protocol.eval.metrics),
+                                   lpips_net=protocol.eval.lpips_net)
         shared.scorer = Scorer(embedders, EmbeddingCache(shared.cache_dir), protocol.eval)
     for subject, resolution in sorted({(r.subject, r.train.resolution) for r in runs}, key=lambda x: x[0].name):
         score_real_images(shared, subject)
