@@ -19,7 +19,7 @@ the metric math (metrics.py).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from harness.registry import Registry
@@ -58,7 +58,8 @@ class BackboneSet:
     """Builders of one set's backbones by role: builder(device=..., batch_size=..., **options) -> a backbone.
 
     `lpips_nets` are the values of `eval.lpips_net` the set's `lpips` role honours (the protocol loader refuses
-    the others); a set whose perceptual network is its own honours only the default.
+    the others); a set whose perceptual network is its own honours only the default. `lpips_min_side` is the
+    smallest image side each of them takes (by net), so the loader refuses smaller evaluation images up front.
     """
 
     builders: Mapping[str, Callable[..., Any]]
@@ -66,6 +67,7 @@ class BackboneSet:
     scope_note: str | None = None  # what the numbers are about when not about photographs
     description: str = ""
     lpips_nets: tuple[str, ...] = LPIPS_NETS
+    lpips_min_side: Mapping[str, int] = field(default_factory=dict)
 
     def load(self, roles: Iterable[str], device: Any = "cpu", batch_size: int = 32,
              options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from PIL import Image
 from harness.backbones import TINY_SOURCE, BackboneSet, BackboneUnavailableError, offline_message, seeded
 from harness.data import load_rgb as load_image_file
 from harness.data import to_rgb8
+from harness.perceptual import MIN_SIDE as LPIPS_MIN_SIDE
 from harness.perceptual import load_lpips, tiny_lpips
 from harness.store import atomic_path, text_digest
 
@@ -301,9 +302,10 @@ def tiny_dino(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATC
     )
 
 
-REAL_BACKBONES = BackboneSet({"clip": load_clip, "dino": load_dino, "lpips": load_lpips},
+REAL_BACKBONES = BackboneSet({"clip": load_clip, "dino": load_dino, "lpips": load_lpips}, lpips_min_side=LPIPS_MIN_SIDE,
                              description=f"open_clip {CLIP_MODEL}/{CLIP_PRETRAINED}, timm {DINO_MODEL} and LPIPS")
 TINY_BACKBONES = BackboneSet({"clip": tiny_clip, "dino": tiny_dino, "lpips": tiny_lpips}, random_weights=True,
+                             lpips_min_side=LPIPS_MIN_SIDE,
                              description="tiny random CLIP, DINO and LPIPS (pipeline check only)")
 
 DEFAULT_ROLES = ("clip", "dino")

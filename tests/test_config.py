@@ -142,6 +142,16 @@ def test_lpips_network_is_alex_by_default_vgg_on_request_and_checked(write_proto
         in msg
 
 
+def test_images_too_small_for_lpips_are_refused_before_training(write_protocol):
+    msg = problems(write_protocol(MINIMAL + "grid:\n  resolution: [24, 64]\n"))
+    assert ("grid.resolution: 24 px images are too small for LPIPS alex (div_lpips, div_lpips_class need at least "
+            "32 px)") in msg
+    without = "eval:\n  metrics: [dino, clip_t]\n"
+    assert load_protocol(write_protocol(MINIMAL.replace("resolution: 32", "resolution: 24") + without))
+    vgg = "eval:\n  lpips_net: vgg\n"
+    assert load_protocol(write_protocol(MINIMAL.replace("resolution: 32", "resolution: 16") + vgg))
+
+
 def test_moved_model_id_is_mapped_with_a_note(write_protocol):
     p = load_protocol(write_protocol(MINIMAL.replace("{id: tiny}", "{id: runwayml/stable-diffusion-v1-5}")))
     assert p.model.id == DEFAULT_MODEL

@@ -33,7 +33,7 @@ from harness.config.schema import (
 )
 from harness.config.yaml_lines import Collector, read_yaml
 from harness.methods import METHODS, setting_owners
-from harness.metrics import METRICS
+from harness.metrics import METRICS, features_for
 
 BASE_TOP_LEVEL_KEYS = ("name", "description", "model", "subjects", "train", "class_images", "eval", "output", "grid")
 
@@ -391,8 +391,23 @@ def _check_combinations(protocol: Protocol, errs: Collector, setting_at: dict[tu
     for name, settings in protocol.methods:
         for key, message in METHODS.get(name).check(settings, protocol.train):
             errs.add(setting_at.get((name, key), (name, key)), message)
+    _check_lpips_size(protocol, axes, errs)
     for at, message in backend_of(protocol.model).check_protocol(protocol):
         errs.add(at, message)
+
+
+def _check_lpips_size(protocol: Protocol, axes: dict[str, tuple], errs: Collector) -> None:
+    """LPIPS metrics on images smaller than the network's pooling layers take: refused now, not after training."""
+    spec = protocol.eval
+    if "lpips" not in features_for(spec.metrics) or spec.backbones not in BACKBONES:
+        return
+    smallest = BACKBONES.get(spec.backbones).lpips_min_side.get(spec.lpips_net, 0)
+    resolution = min(axes.get("resolution", (protocol.train.resolution,)))
+    if resolution < smallest:
+        where = ("grid", "resolution") if "resolution" in axes else ("train", "resolution")
+        errs.add(where, f"{resolution} px images are too small for LPIPS {spec.lpips_net} (div_lpips, "
+                        f"div_lpips_class need at least {smallest} px); raise the resolution or leave those metrics "
+                        "out of eval.metrics.")
 
 
 def _setting_places(data: dict, loose: dict[str, Any], study: tuple[str, ...]) -> dict[tuple[str, str], tuple]:

@@ -321,6 +321,7 @@ def toy_dino(device: str | torch.device = "cpu", batch_size: int = 32, folder: P
     )
 
 
+LPIPS_MIN_SIDE = 8  # the encoder halves the image twice
 LPIPS_SOURCE = ("toy world: the encoder of the toy VAE (pretrained by harness.toyworld.pretrain); uniform layer "
                 "weights")
 
@@ -350,10 +351,10 @@ def toy_lpips(device: str | torch.device = "cpu", batch_size: int = 32, net: str
         stages, None, tag=f"toyworld:lpips-vae@{revision}", source=LPIPS_SOURCE, normalisation=UNIT_RANGE,
         model_id=f"toy VAE encoder feature maps ({len(stages)} depths), uniform channel weights",
         layer_weights="uniform: each depth's squared differences summed over channels (no learned weights)",
-        min_side=8, device=device, batch_size=batch_size,
+        min_side=LPIPS_MIN_SIDE, device=device, batch_size=batch_size,
     )
 
 
 TOY_BACKBONES = BackboneSet({"clip": toy_clip, "dino": toy_dino, "lpips": toy_lpips},
-                            scope_note=SCOPE_NOTE, lpips_nets=("alex",),
+                            scope_note=SCOPE_NOTE, lpips_nets=("alex",), lpips_min_side={"alex": LPIPS_MIN_SIDE},
                             description="the toy world's CLIP, DINO-role encoder and VAE-feature LPIPS")
