@@ -20,7 +20,7 @@ networks then apply its ScalingLayer (ImageNet statistics in [-1, 1] units). A d
 identical images.
 
 What this module does not hold: which pairs are compared and the cache of distances (evaluator.py), the DIV
-metrics (metrics.py). It imports torch and the package only when a network is built.
+metrics (builtin_metrics.py). It imports torch and the package only when a network is built.
 """
 
 from __future__ import annotations
