@@ -3,18 +3,22 @@
 - Embedding: OpenCLIP ViT-B-32 (QuickGELU) and timm ViT-S/16, the architectures of the `clip_i`/`clip_t` and
   `dino`/`pres`/`div` backbones, with random weights; images/s through harness.embedders (decode + pinned
   preprocessing + forward, as the evaluator runs them) and for the forward pass alone.
+- LPIPS (`div_lpips`, `div_lpips_class`): the lpips package's AlexNet and VGG16 networks with random trunks,
+  through harness.perceptual's distance matrix as the scorer runs it (one group of 4 seeds of a prompt at a time:
+  4 images, 6 pairs), images/s with decoding at 512 px.
 - Sampling: the SD 1.5 architecture (random weights) through harness.sampling.generate, with the evaluation
   defaults (DPM-Solver++ 25 steps, guidance 7.5, 512 px, fp16), images/s for a few batch sizes.
 
 Random weights are honest for time and memory only, never for image quality.
 
-    python benchmarks/bench_eval.py --out benchmarks/results/bench_eval.md   # GPU
-    python benchmarks/bench_eval.py --tiny                                    # CPU check
+    python benchmarks/bench_eval.py --out benchmarks/results/bench_eval.md --json bench_eval.json   # GPU
+    python benchmarks/bench_eval.py --tiny                                                          # CPU check
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -87,6 +91,42 @@ def measure_embedding(device: str, n: int, batch_size: int, tiny: bool) -> list[
     return rows
 
 
+def measure_lpips(device: str, groups: int, seeds: int, tiny: bool) -> list[dict[str, Any]]:
+    """Images/s of LPIPS over groups of `seeds` images, as the scorer computes them (no cache)."""
+    from harness.perceptual import tiny_lpips
+
+    size = 64 if tiny else 512
+    images = random_images(groups * seeds, size)
+    rows = []
+    for net in ("alex",) if tiny else ("alex", "vgg"):
+        network = tiny_lpips(device=device, net=net)  # the package's full-size network, random trunk
+        _reset_peak(device)
+        network.distance_matrix(images[:seeds])  # warm-up
+        _sync(device)
+        started = time.perf_counter()
+        for g in range(groups):
+            network.distance_matrix(images[g * seeds:(g + 1) * seeds])
+        _sync(device)
+        seconds = time.perf_counter() - started
+        peak = _peak_gib(device)
+        rows.append({"what": f"LPIPS {net}, groups of {seeds} seeds ({seeds * (seeds - 1) // 2} pairs), {size} px",
+                     "batch": seeds, "images_per_second": groups * seeds / seconds, "peak_gib": peak})
+    return rows
+
+
+def _reset_peak(device: str) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1024**3 if torch.device(device).type == "cuda" else None
+
+
 def measure_sampling(device: str, batches: list[int], images: int, tiny: bool) -> list[dict[str, Any]]:
     import torch
     from bench_train import build_components
@@ -111,7 +151,7 @@ def measure_sampling(device: str, batches: list[int], images: int, tiny: bool) -
             generate(components, requests, Path(tmp) / "timed", settings, device, "fp16", {}, batch_size=batch)
             _sync(device)
             seconds = time.perf_counter() - started
-        peak = torch.cuda.max_memory_allocated() / 1024**3 if torch.device(device).type == "cuda" else None
+        peak = _peak_gib(device)
         rows.append({"what": f"sampling {settings.sampler} {settings.steps} steps, guidance {settings.guidance_scale},"
                              f" {settings.resolution} px", "batch": batch, "images_per_second": count / seconds,
                      "peak_gib": peak})
@@ -139,11 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embed-batch", type=int, default=64)
     parser.add_argument("--sampling-batches", default="4,8,16")
     parser.add_argument("--sampling-images", type=int, default=32)
+    parser.add_argument("--lpips-groups", type=int, default=25, help="prompts of 4 seeds scored with LPIPS")
     parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the measurements (JSON) here")
     args = parser.parse_args(argv)
     if args.tiny:
         args.embed_images, args.embed_batch, args.sampling_batches, args.sampling_images = 8, 4, "2", 2
+        args.lpips_groups = 2
     rows = measure_embedding(args.device, args.embed_images, args.embed_batch, args.tiny)
+    rows += measure_lpips(args.device, args.lpips_groups, 4, args.tiny)
     rows += measure_sampling(args.device, [int(b) for b in args.sampling_batches.split(",")], args.sampling_images,
                              args.tiny)
     device = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"
@@ -152,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
     return 0
 
 

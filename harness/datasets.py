@@ -121,6 +121,9 @@ def dataset_hint(folder: Path) -> str | None:
     for spec in DATASETS.values():
         home = spec.default_dest.resolve()
         if folder.is_relative_to(home) and not has_entries(folder):
+            if has_entries(home):  # an incomplete copy: the command replaces it only when told to
+                return (f"run `python -m harness.datasets {spec.name} --force` to download {spec.title} again into "
+                        f"{shown(home)}/ (the copy there is incomplete)")
             return f"run `python -m harness.datasets {spec.name}` to download {spec.title} into {shown(home)}/"
     return None
 

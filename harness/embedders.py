@@ -3,13 +3,18 @@
 Real backbones: OpenCLIP `ViT-B-32` with the `openai` weights and timm `vit_small_patch16_224.dino` (final-normed
 CLS token, pinned preprocessing). Both download once and are then cached by their libraries; offline, loading
 raises `BackboneUnavailableError` with the way out. Tiny variants have the same interfaces and random weights
-fixed by a seed: they make every code path run offline and say nothing about images.
+fixed by a seed: they make every code path run offline and say nothing about images. The `real` and `tiny` sets
+defined here add the LPIPS network of perceptual.py as their `lpips` role.
+
+Every embedder's `describe()` states its weights and its preprocessing step by step (resize, crop, interpolation,
+normalisation), read from the transform it actually runs (`transform_facts`).
 
 Every embedding is a float32 row, L2-normalised, so a dot product is a raw cosine in [-1, 1].
 `embed_with_cache` stores one vector per (embedder tag, image content hash) and computes only what is missing, in
 aligned batches, so a vector computed again is the same as the first.
 
-What this module does not hold: the metric math (metrics.py) and the choice of images to score (evaluator.py).
+What this module does not hold: the metric math (metrics.py), the LPIPS network (perceptual.py) and the choice of
+images to score (evaluator.py).
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from harness.backbones import BackboneSet, BackboneUnavailableError
+from harness.backbones import TINY_SOURCE, BackboneSet, BackboneUnavailableError, offline_message, seeded
 from harness.data import load_rgb as load_image_file
 from harness.data import to_rgb8
+from harness.perceptual import MIN_SIDE as LPIPS_MIN_SIDE
+from harness.perceptual import load_lpips, tiny_lpips
 from harness.store import atomic_path, discard, text_digest
 
 if TYPE_CHECKING:
@@ -37,6 +44,8 @@ if TYPE_CHECKING:
 CLIP_MODEL = "ViT-B-32"
 CLIP_PRETRAINED = "openai"
 DINO_MODEL = "vit_small_patch16_224.dino"
+CLIP_TAG = f"open_clip:{CLIP_MODEL}/{CLIP_PRETRAINED}"  # the tags the real backbones record, as the paper used them
+DINO_TAG = f"timm:{DINO_MODEL}"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DINO_RESIZE = 256
@@ -46,17 +55,8 @@ DINO_PREPROCESSING = (f"resize shorter side to {DINO_RESIZE} (bicubic), center c
 CLIP_PREPROCESSING = ("open_clip ViT-B-32/openai: resize shorter side to 224 (bicubic), center crop 224, "
                       "OpenAI CLIP mean/std")
 METRIC_SCALE = "raw cosine in [-1, 1]"
-TINY_SOURCE = "random (tiny, pipeline check only)"
 PREPROCESS_THREADS = min(8, os.cpu_count() or 1)
 DEFAULT_BATCH_SIZE = 32
-
-
-def _offline_message(backbone: str, library: str, cause: BaseException) -> str:
-    return (f"cannot load the evaluation backbone {backbone}: its weights could not be downloaded or found in the "
-            f"{library} cache ({type(cause).__name__}: {str(cause)[:300]}). The weights download once from the "
-            f"Hugging Face hub and are then cached by {library}; run once with network access (or copy the cache "
-            "folder to this machine). To check the pipeline offline instead, set `eval.backbones: tiny` in the "
-            "protocol (random weights: pipeline check only, the numbers mean nothing).")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -88,6 +88,37 @@ def _clip_transform() -> Callable[[Image.Image], torch.Tensor]:
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     return image_transform_v2(PreprocessCfg(size=224), is_train=False)
+
+
+def transform_facts(transform: Callable[[Image.Image], torch.Tensor]) -> dict[str, str]:
+    """What a torchvision-style transform does, read from its steps: resize, crop, interpolation, normalisation.
+
+    Steps it does not know are listed under "other steps", so nothing it runs goes unsaid.
+    """
+    facts = {"resize": "none", "crop": "none", "interpolation": "none", "normalisation": "none"}
+    others = []
+    for step in getattr(transform, "transforms", [transform]):
+        kind = type(step).__name__
+        if kind == "Resize":
+            size = step.size if isinstance(step.size, int) or len(step.size) != 1 else step.size[0]
+            facts["resize"] = (f"shorter side to {size}" if isinstance(size, int)
+                               else f"to {size[1]}x{size[0]} (width x height)")
+            mode = getattr(step.interpolation, "value", step.interpolation)
+            facts["interpolation"] = f"{mode}{', antialiased' if getattr(step, 'antialias', False) else ''}"
+        elif kind == "CenterCrop":
+            height, width = step.size
+            facts["crop"] = f"center {width}x{height}"
+        elif kind == "Normalize":
+            facts["normalisation"] = (f"[0, 1] pixels, mean {_numbers(step.mean)}, std {_numbers(step.std)}")
+        elif kind not in ("ToTensor", "MaybeToTensor", "MaybeConvertMode", "function"):
+            others.append(kind)
+    if others:
+        facts["other steps"] = ", ".join(others)
+    return facts
+
+
+def _numbers(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{float(v):.8g}" for v in values) + ")"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -151,6 +182,7 @@ class Embedder(ABC):
             "pretrained": self.source,
             "embedding_dim": self.dim,
             "preprocessing": self.preprocessing,
+            **transform_facts(self.transform),
             "metric_scale": METRIC_SCALE,
         }
 
@@ -210,10 +242,10 @@ def load_clip(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATC
         model, _, preprocess = open_clip.create_model_and_transforms(
             CLIP_MODEL, pretrained=CLIP_PRETRAINED, force_quick_gelu=True)
     except (OSError, RuntimeError) as e:
-        raise BackboneUnavailableError(_offline_message(f"open_clip {CLIP_MODEL}/{CLIP_PRETRAINED}", "open_clip",
+        raise BackboneUnavailableError(offline_message(f"open_clip {CLIP_MODEL}/{CLIP_PRETRAINED}", "open_clip",
                                                         e)) from e
     return ClipEmbedder(
-        model, preprocess, open_clip.get_tokenizer(CLIP_MODEL), tag=f"open_clip:{CLIP_MODEL}/{CLIP_PRETRAINED}",
+        model, preprocess, open_clip.get_tokenizer(CLIP_MODEL), tag=CLIP_TAG,
         model_id=f"{CLIP_MODEL} (QuickGELU)", source=f"open_clip pretrained={CLIP_PRETRAINED!r}",
         preprocessing=CLIP_PREPROCESSING, device=device, batch_size=batch_size,
     )
@@ -226,9 +258,9 @@ def load_dino(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATC
     try:
         model = timm.create_model(DINO_MODEL, pretrained=True, num_classes=0, global_pool="token", use_naflex=False)
     except (OSError, RuntimeError) as e:
-        raise BackboneUnavailableError(_offline_message(f"timm {DINO_MODEL}", "timm", e)) from e
+        raise BackboneUnavailableError(offline_message(f"timm {DINO_MODEL}", "timm", e)) from e
     return DinoEmbedder(
-        model, pinned_dino_transform(), tag=f"timm:{DINO_MODEL}", model_id=DINO_MODEL,
+        model, pinned_dino_transform(), tag=DINO_TAG, model_id=DINO_MODEL,
         source=f"timm pretrained ({DINO_MODEL})", preprocessing=DINO_PREPROCESSING, device=device,
         batch_size=batch_size,
     )
@@ -243,15 +275,6 @@ TINY_CLIP_CONFIG = {
 TINY_DINO_CONFIG = {"img_size": DINO_CROP, "patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3}
 
 
-def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """Builds a module with random weights fixed by `seed`, leaving the global torch RNG as it was."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 def _tiny_tag(name: str, seed: int) -> str:
     return f"tiny-random:{name}" if seed == 0 else f"tiny-random:{name}:seed{seed}"
 
@@ -260,7 +283,7 @@ def tiny_clip(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATC
     """A 2-layer OpenCLIP model with random weights, the real tokenizer and the real CLIP preprocessing."""
     import open_clip
 
-    model = _seeded(seed, lambda: open_clip.CLIP(**TINY_CLIP_CONFIG))
+    model = seeded(seed, lambda: open_clip.CLIP(**TINY_CLIP_CONFIG))
     return ClipEmbedder(
         model, _clip_transform(), open_clip.get_tokenizer(CLIP_MODEL), tag=_tiny_tag("clip", seed),
         model_id="tiny open_clip CLIP (embed_dim 32; vision 2 layers x 64, patch 32; text 2 layers x 64)",
@@ -272,7 +295,7 @@ def tiny_dino(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATC
     """A 2-block timm ViT with random weights and the pinned DINO preprocessing."""
     from timm.models.vision_transformer import VisionTransformer
 
-    model = _seeded(seed, lambda: VisionTransformer(num_classes=0, global_pool="token", **TINY_DINO_CONFIG))
+    model = seeded(seed, lambda: VisionTransformer(num_classes=0, global_pool="token", **TINY_DINO_CONFIG))
     return DinoEmbedder(
         model, pinned_dino_transform(), tag=_tiny_tag("dino", seed),
         model_id="tiny timm VisionTransformer (2 blocks x 48, patch 16)", source=TINY_SOURCE,
@@ -280,22 +303,25 @@ def tiny_dino(device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATC
     )
 
 
-REAL_BACKBONES = BackboneSet({"clip": load_clip, "dino": load_dino},
-                             description=f"open_clip {CLIP_MODEL}/{CLIP_PRETRAINED} and timm {DINO_MODEL}")
-TINY_BACKBONES = BackboneSet({"clip": tiny_clip, "dino": tiny_dino}, random_weights=True,
-                             description="tiny random CLIP and DINO (pipeline check only)")
+REAL_BACKBONES = BackboneSet({"clip": load_clip, "dino": load_dino, "lpips": load_lpips}, lpips_min_side=LPIPS_MIN_SIDE,
+                             description=f"open_clip {CLIP_MODEL}/{CLIP_PRETRAINED}, timm {DINO_MODEL} and LPIPS")
+TINY_BACKBONES = BackboneSet({"clip": tiny_clip, "dino": tiny_dino, "lpips": tiny_lpips}, random_weights=True,
+                             lpips_min_side=LPIPS_MIN_SIDE,
+                             description="tiny random CLIP, DINO and LPIPS (pipeline check only)")
 
 DEFAULT_ROLES = ("clip", "dino")
 
 
 def make_embedders(backbones: str, device: str | torch.device = "cpu", batch_size: int = DEFAULT_BATCH_SIZE,
-                   roles: Iterable[str] = DEFAULT_ROLES) -> dict[str, Embedder]:
-    """The embedders of `roles` from the backbone set `eval.backbones` names ("real", "tiny", "toyworld", ...)."""
+                   roles: Iterable[str] = DEFAULT_ROLES, lpips_net: str = "alex") -> dict[str, Any]:
+    """The backbones of `roles` (embedders, and the LPIPS network for `lpips`) from the backbone set
+    `eval.backbones` names ("real", "tiny", "toyworld", ...); `lpips_net` is `eval.lpips_net`."""
     from harness.backbones import BACKBONES
 
     if backbones not in BACKBONES:
         raise ValueError(f"eval.backbones: unknown value {backbones!r}; use one of {', '.join(BACKBONES)}.")
-    return BACKBONES.get(backbones).load(roles, device=device, batch_size=batch_size)
+    return BACKBONES.get(backbones).load(roles, device=device, batch_size=batch_size,
+                                         options={"lpips": {"net": lpips_net}})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -317,10 +343,15 @@ def _safe_tag(tag: str) -> str:
 
 
 class EmbeddingCache:
-    """One .npy per (embedder tag, image hash) under cache_dir/embeddings/, each written atomically."""
+    """One .npy vector per (network tag, key) under cache_dir/<folder>/, each written atomically.
 
-    def __init__(self, cache_dir: str | Path):
-        self.root = Path(cache_dir) / "embeddings"
+    The key is an image's content hash for embeddings (folder `embeddings`); the LPIPS distances of image pairs use
+    the same store under `lpips` (evaluator.py).
+    """
+
+    def __init__(self, cache_dir: str | Path, folder: str = "embeddings"):
+        self.cache_dir = Path(cache_dir)
+        self.root = self.cache_dir / folder
 
     def path(self, tag: str, image_hash: str) -> Path:
         return self.root / _safe_tag(tag) / image_hash[:2] / f"{image_hash}.npy"

@@ -2,10 +2,12 @@
 
 Three kinds of scored unit share one record format (records.py): a run's snapshot, the base model (step 0, the
 same prompts and seeds) and the real images (leave-one-out real-vs-real, the paper's "Real Images" row). The
-scorer computes only the features its metrics read (metrics.FEATURE_ROLES); embeddings are cached per (image
-content, backbone) by embedders.py, so re-scoring computes nothing twice.
+scorer computes only the features its metrics read (metrics.FEATURE_ROLES): embeddings are cached per (image
+content, backbone) by embedders.py, and LPIPS distances, only between images of one prompt with different seeds,
+per (pair of image contents, network) here, so re-scoring computes nothing twice.
 
-What this module does not hold: image generation (sampling.py) or the metric definitions (metrics.py).
+What this module does not hold: image generation (sampling.py), the networks (embedders.py, perceptual.py) or the
+metric definitions (metrics.py, builtin_metrics.py).
 """
 
 from __future__ import annotations
@@ -21,25 +23,43 @@ import numpy as np
 
 from harness.config import EvalSpec, SubjectSpec
 from harness.data import load_rgb
-from harness.embedders import Embedder, EmbeddingCache, embed_with_cache
-from harness.metrics import ImageSet, MetricResult, clip_t_texts, features_for, score, score_real_images
+from harness.embedders import Embedder, EmbeddingCache, content_hash, embed_with_cache
+from harness.metrics import (
+    ImageSet,
+    MetricResult,
+    clip_t_texts,
+    features_for,
+    roles_for,
+    score,
+    score_real_images,
+)
+from harness.perceptual import LpipsNetwork
 from harness.records import scores_header, scores_name, scores_record, write_scores
+
+LPIPS_CACHE = "lpips"
 
 
 def record_name(spec: EvalSpec) -> str:
-    """File name of a scores record: other backbones or metrics give another file, never a stale one."""
-    return scores_name(spec.backbones, spec.metrics, spec.bootstrap_samples)
+    """File name of a scores record: other backbones, metrics or LPIPS network give another file, never a stale one."""
+    options = {"lpips_net": spec.lpips_net} if spec.lpips_net != EvalSpec.lpips_net else {}
+    return scores_name(spec.backbones, spec.metrics, spec.bootstrap_samples, options)
 
 
 class Scorer:
     """The evaluation backbones of a protocol (by role) with their embedding cache, loaded once and shared by every
     unit. It computes the features its metrics read and nothing else."""
 
-    def __init__(self, embedders: dict[str, Embedder], cache: EmbeddingCache, spec: EvalSpec):
+    def __init__(self, embedders: dict[str, Any], cache: EmbeddingCache, spec: EvalSpec):
         self.embedders = embedders
         self.features = features_for(spec.metrics)
         self.cache = cache
+        self.distances = EmbeddingCache(cache.cache_dir, LPIPS_CACHE)
         self.spec = spec
+        missing = [r for r in roles_for(spec.metrics) if r not in embedders]
+        if missing:
+            needing = [m for m in spec.metrics if set(roles_for([m])) & set(missing)]
+            raise ValueError(f"the metrics {', '.join(needing)} need the {', '.join(missing)} backbone(s), which "
+                             "were not loaded; build the backbones with make_embedders(..., roles=roles_for(metrics)).")
 
     def backbones(self) -> dict[str, Any]:
         return {role: embedder.describe() for role, embedder in self.embedders.items()}
@@ -60,6 +80,50 @@ class Scorer:
         if "clip_text" not in self.features or not texts:
             return {}
         return dict(zip(texts, self.embedders["clip"].embed_texts(list(texts)), strict=True))
+
+    def lpips_matrix(self, paths: Sequence[Path], prompts: Sequence[str], seeds: Sequence[int],
+                     kinds: Sequence[str]) -> np.ndarray | None:
+        """(N, N) LPIPS distances between images of the same prompt and kind with different seeds (NaN elsewhere),
+        or None when no metric reads them."""
+        if "lpips" not in self.features:
+            return None
+        matrix = np.full((len(paths), len(paths)), np.nan)
+        for members in same_prompt_groups(prompts, seeds, kinds):
+            block = distances_with_cache(self.embedders["lpips"], [paths[i] for i in members], self.distances)
+            matrix[np.ix_(members, members)] = block
+        return matrix
+
+
+def same_prompt_groups(prompts: Sequence[str], seeds: Sequence[int], kinds: Sequence[str]) -> list[list[int]]:
+    """Indices of the images of each (kind, prompt) with two or more seeds: the pairs diversity compares."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, key in enumerate(zip(kinds, prompts, strict=True)):
+        groups.setdefault(key, []).append(i)
+    return [members for members in groups.values() if len({seeds[i] for i in members}) > 1]
+
+
+def _pair_key(a: str, b: str) -> str:
+    # LPIPS is symmetric (squared differences), so a pair is keyed by its two content hashes in sorted order.
+    first, second = sorted((a, b))
+    return f"{first}-{second}"
+
+
+def distances_with_cache(network: LpipsNetwork, paths: Sequence[Path], cache: EmbeddingCache) -> np.ndarray:
+    """The network's distance matrix of the images; computed (all pairs of the group) unless every pair is cached."""
+    images = [load_rgb(Path(p)) for p in paths]
+    hashes = [content_hash(image) for image in images]
+    keys = {(i, j): _pair_key(hashes[i], hashes[j]) for i in range(len(images)) for j in range(i + 1, len(images))}
+    cached = {pair: cache.get(network.tag, key) for pair, key in keys.items()}
+    matrix = np.zeros((len(images), len(images)))
+    if all(value is not None and value.shape == (1,) for value in cached.values()):
+        for (i, j), value in cached.items():
+            matrix[i, j] = matrix[j, i] = float(value[0])
+        return matrix
+    # Rounded to what the cache keeps, so a score computed now equals the same score read back later.
+    matrix = network.distance_matrix(images).astype(np.float32).astype(np.float64)
+    for (i, j), key in keys.items():
+        cache.put(network.tag, key, np.array([matrix[i, j]], dtype=np.float32))
+    return matrix
 
 
 def _metric_json(result: MetricResult) -> dict[str, Any]:
@@ -92,10 +156,12 @@ def score_samples(
     texts = sorted(set(clip_t_texts(prompts, kinds, subject.identifier)))
     real = scorer.image_features(real_paths)
     generated = scorer.image_features(paths)
+    seeds = tuple(int(s["seed"]) for s in samples)
     images = ImageSet(
-        prompts=prompts, seeds=tuple(int(s["seed"]) for s in samples), kinds=kinds, identifier=subject.identifier,
+        prompts=prompts, seeds=seeds, kinds=kinds, identifier=subject.identifier,
         dino=generated["dino"], clip=generated["clip"], real_dino=real["dino"], real_clip=real["clip"],
-        text_clip=scorer.text_features(texts), image_ids=tuple(str(p) for p in paths),
+        text_clip=scorer.text_features(texts), lpips=scorer.lpips_matrix(paths, prompts, seeds, kinds),
+        image_ids=tuple(str(p) for p in paths),
     )
     return score(images, scorer.spec.metrics, scorer.spec.bootstrap_samples, seed=0)
 

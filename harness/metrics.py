@@ -1,12 +1,15 @@
 """Metric registry and metric math on embeddings: per-image scores, means and bootstrap intervals.
 
-Every metric is a registered function from an `ImageSet` (the embeddings of one snapshot's generated images, of the
-real subject images and of the prompts' texts) to one score per image; the metric is the mean of those scores, with
-a 95% percentile bootstrap interval over (prompt, seed) groups. All similarities are raw cosines in [-1, 1] of
-L2-normalised rows (not x100, not x2.5), so numbers are comparable with the DreamBooth paper when the backbones are.
+Every metric is a registered `Metric`: a function from an `ImageSet` (the features of one snapshot's generated
+images, of the real subject images and of the prompts' texts) to one score per image, and the facts that say how
+its number is computed (scale, pairing, whether negative cosines are clipped, whether the identifier is removed
+from the prompt, the backbone role it reads). The metric is the mean of those scores, with a 95% percentile
+bootstrap interval over (prompt, seed) groups. The built-in metrics are defined in builtin_metrics.py and listed
+here lazily; code outside the package adds its own with `register`.
 
-What this module does not hold: computing embeddings (embedders.py), reading images or writing files. It imports
-numpy only, so the protocol loader can validate metric names without loading torch.
+What this module does not hold: the built-in metric definitions (builtin_metrics.py), computing embeddings or
+LPIPS distances (embedders.py, perceptual.py), reading images or writing files. It imports numpy only, so the
+protocol loader can validate metric names without loading torch.
 """
 
 from __future__ import annotations
@@ -96,17 +99,36 @@ def _check_embeddings(name: str, array: np.ndarray | None, rows: int | None) -> 
                          f"{norms.max():.4f}); divide each row by its norm.")
 
 
-def strip_identifier(prompt: str, identifier: str) -> str:
-    """`prompt` without the identifier as a whole word: 'a sks dog in the snow' -> 'a dog in the snow'.
+# A word is rejoined to the text after the identifier with one space, except before closing punctuation.
+_CLOSING = tuple(".,;:!?)]}'\"")
+_OPENING = tuple("([{")
 
-    Only a standalone occurrence is removed ('a sksdog' and 'a sks-dog' stay), case-sensitively, and the space
-    left behind is collapsed so the text reads as the plain class prompt.
+
+def strip_identifier(prompt: str, identifier: str) -> str:
+    """`prompt` without the identifier: 'a sks dog in the snow' -> 'a dog in the snow', 'a <new1> cat' -> 'a cat'.
+
+    A word-like identifier ('sks') is removed only where it stands as a word of its own ('a sksdog' and 'a sks-dog'
+    stay), which is where a tokenizer splits it off. An identifier with a non-word edge, such as Custom Diffusion's
+    modifier token '<new1>', is an added token that the tokenizer splits off wherever it occurs, so it is removed
+    wherever it occurs ('a <new1>cat' -> 'a cat'). Case-sensitive. The words around it are rejoined with one space
+    (none before punctuation), so the text reads as the plain class prompt.
     """
     if not identifier.strip():
         raise ValueError("strip_identifier: the identifier is empty; give the subject's identifier, e.g. 'sks'.")
-    word = re.compile(rf"(\s?)(?<![\w-]){re.escape(identifier)}(?![\w-])(\s?)")
-    stripped = word.sub(lambda m: " " if m.group(1) and m.group(2) else "", prompt)
-    return stripped.strip()
+    pattern = _identifier_pattern(identifier.strip())
+    text = prompt
+    while match := pattern.search(text):
+        left, right = text[:match.start()].rstrip(), text[match.end():].lstrip()
+        glue = " " if left and right and not right.startswith(_CLOSING) and not left.endswith(_OPENING) else ""
+        text = left + glue + right
+    return text.strip()
+
+
+def _identifier_pattern(identifier: str) -> re.Pattern[str]:
+    """The identifier, bounded as a word on each edge that is a word character."""
+    before = r"(?<![\w-])" if re.match(r"\w", identifier[0]) else ""
+    after = r"(?![\w-])" if re.match(r"\w", identifier[-1]) else ""
+    return re.compile(before + re.escape(identifier) + after)
 
 
 def clip_t_texts(prompts: Sequence[str], kinds: Sequence[str], identifier: str) -> list[str]:
@@ -132,43 +154,84 @@ class PerImageScores:
     note: str = ""
 
 
-# What a metric can read, and the backbone role that computes it (see embedders.BACKBONES).
+# What a metric can read, and the backbone role that computes it (see backbones.BACKBONES).
 FEATURE_ROLES: dict[str, str] = {"dino": "dino", "clip_image": "clip", "clip_text": "clip", "lpips": "lpips"}
+NEGATIVE_COSINES = {None: "not a cosine", True: "clipped to 0: max(cos, 0)", False: "kept"}
+IDENTIFIER_IN_PROMPT = {None: "no prompt text", True: "removed before encoding", False: "kept"}
+REAL_IMAGES_ROW = "leave-one-out: each real image against the other real images of its subject"
 
 
 @dataclass(frozen=True)
 class Metric:
-    """A registered metric: its per-image score function and every fact the results and the report show."""
+    """A metric: its per-image score function and every fact the results and the report show."""
 
     name: str
     fn: Callable[[ImageSet], PerImageScores]
     higher_is_better: bool
-    backbone: str  # the backbone role whose features it reads ("dino", "clip", ...)
+    backbone: str  # the backbone role whose features it reads ("dino", "clip", "lpips", ...)
     description: str
     label: str  # as the report names it ("CLIP-T")
     scale: str  # what the number is ("raw cosine", "LPIPS distance")
     features: tuple[str, ...]  # keys of FEATURE_ROLES the metric reads; the scorer computes only these
+    pairing: str  # which images each score compares, and how the scores are averaged
     real_images: str | None = None  # feature scored leave-one-out for the "Real Images" row; None: not defined
+    clips_negative: bool | None = None  # negative cosines set to 0 before averaging; None: not a cosine
+    strips_identifier: bool | None = None  # the identifier removed from the prompt it encodes; None: reads no text
 
     @property
     def roles(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(FEATURE_ROLES[f] for f in self.features))
 
+    def recipe(self) -> dict[str, Any]:
+        """How the number is computed, in words: the results' metadata and the report's definitions show this.
 
-METRICS: Registry[Metric] = Registry("metric")
+        The backbone's weights and preprocessing are its own facts (the embedders' `describe()`).
+        """
+        return {
+            "label": self.label,
+            "description": self.description,
+            "higher_is_better": self.higher_is_better,
+            "scale": self.scale,
+            "backbone_role": self.backbone,
+            "features": list(self.features),
+            "pairing": self.pairing,
+            "negative_cosines": NEGATIVE_COSINES[self.clips_negative],
+            "identifier": IDENTIFIER_IN_PROMPT[self.strips_identifier],
+            "real_images_row": REAL_IMAGES_ROW if self.real_images else "not defined (generated images only)",
+        }
 
 
-def register(name: str, *, higher_is_better: bool, backbone: str, description: str, label: str, scale: str,
-             features: tuple[str, ...], real_images: str | None = None,
-             ) -> Callable[[Callable[[ImageSet], PerImageScores]], Callable]:
-    """Adds the decorated per-image score function to METRICS under `name`."""
+BUILTIN_METRICS = ("dino", "clip_i", "clip_t", "pres", "div_subject", "div_class", "div_lpips", "div_lpips_class",
+                   "clip_t_clipscore", "clip_t_x100")
+METRICS: Registry[Metric] = Registry("metric", lazy={
+    name: f"harness.builtin_metrics:{name.upper()}" for name in BUILTIN_METRICS})
+
+
+def metric(name: str, *, higher_is_better: bool, backbone: str, description: str, label: str, scale: str,
+           features: tuple[str, ...], pairing: str, real_images: str | None = None,
+           clips_negative: bool | None = None, strips_identifier: bool | None = None,
+           ) -> Callable[[Callable[[ImageSet], PerImageScores]], Metric]:
+    """A decorator that makes a `Metric` of a per-image score function (builtin_metrics.py defines its metrics so)."""
     unknown = [f for f in features if f not in FEATURE_ROLES]
     if unknown:
         raise ValueError(f"metric {name!r}: unknown feature(s) {unknown}; known features: {', '.join(FEATURE_ROLES)}.")
+    if not pairing.strip():
+        raise ValueError(f"metric {name!r}: say which images each score compares (pairing=...).")
+
+    def make(fn: Callable[[ImageSet], PerImageScores]) -> Metric:
+        return Metric(name=name, fn=fn, higher_is_better=higher_is_better, backbone=backbone,
+                      description=description, label=label, scale=scale, features=features, pairing=pairing,
+                      real_images=real_images, clips_negative=clips_negative, strips_identifier=strips_identifier)
+
+    return make
+
+
+def register(name: str, **facts: Any) -> Callable[[Callable[[ImageSet], PerImageScores]], Callable]:
+    """Adds the decorated per-image score function to METRICS under `name`; `facts` are those of `metric`."""
+    make = metric(name, **facts)
 
     def add(fn: Callable[[ImageSet], PerImageScores]) -> Callable[[ImageSet], PerImageScores]:
-        METRICS.register(name, Metric(name, fn, higher_is_better, backbone, description, label, scale, features,
-                                      real_images))
+        METRICS.register(name, make(fn))
         return fn
 
     return add
@@ -190,127 +253,11 @@ def features_for(metric_names: Sequence[str]) -> frozenset[str]:
     return frozenset(f for name in metric_names if name in METRICS for f in METRICS.get(name).features)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Metric definitions
-
-
-def _require(array: np.ndarray | None, what: str) -> np.ndarray:
+def require(array: np.ndarray | None, what: str) -> np.ndarray:
+    """`array`, or MetricUnavailable saying that `what` was not supplied."""
     if array is None:
         raise MetricUnavailable(f"no {what} supplied")
     return array
-
-
-def _prompt_seed_groups(images: ImageSet) -> tuple[Hashable, ...]:
-    return tuple(zip(images.kinds, images.prompts, images.seeds, strict=True))
-
-
-def _mean_similarity_to_real(images: ImageSet, kind: str, generated: np.ndarray | None,
-                             real: np.ndarray | None, backbone: str) -> PerImageScores:
-    """For each image of `kind`: its mean cosine to all real images (mean over images = mean pairwise cosine)."""
-    generated = _require(generated, f"{backbone.upper()} embeddings of the generated images")
-    real = _require(real, f"{backbone.upper()} embeddings of the real images")
-    if real.shape[0] == 0:
-        raise MetricUnavailable("there are no real images")
-    idx = images.indices(kind)
-    if idx.size == 0:
-        raise MetricUnavailable(f"there are no {kind}-prompt images")
-    scores = np.full(len(images), np.nan)
-    scores[idx] = (generated[idx].astype(np.float64) @ real.astype(np.float64).T).mean(axis=1)
-    return PerImageScores(scores, _prompt_seed_groups(images))
-
-
-def _diversity(images: ImageSet, kind: str, distances: np.ndarray, what: str) -> PerImageScores:
-    """Per image: mean distance to the images of the same prompt with another seed. Prompts with one seed skip."""
-    scores = np.full(len(images), np.nan)
-    skipped = []
-    by_prompt: dict[str, list[int]] = {}
-    for i in images.indices(kind):
-        by_prompt.setdefault(images.prompts[i], []).append(int(i))
-    for prompt, members in by_prompt.items():
-        if len({images.seeds[i] for i in members}) < 2:
-            skipped.append(prompt)
-            continue
-        for i in members:
-            others = [j for j in members if images.seeds[j] != images.seeds[i]]
-            values = distances[i, others]
-            if np.any(np.isnan(values)):
-                raise ValueError(f"{what} distances are missing for prompt {prompt!r} (image {i}); supply every "
-                                 "pair of images of the same prompt with different seeds.")
-            scores[i] = float(np.mean(values))
-    if not by_prompt:
-        raise MetricUnavailable(f"there are no {kind}-prompt images")
-    if len(skipped) == len(by_prompt):
-        raise MetricUnavailable(f"no {kind} prompt has images of two or more seeds; diversity needs at least two")
-    note = f"{len(skipped)} prompt(s) with a single seed skipped" if skipped else ""
-    return PerImageScores(scores, tuple(zip(images.kinds, images.prompts, strict=True)), note)
-
-
-def _one_minus_dino_cosine(images: ImageSet) -> np.ndarray:
-    dino = _require(images.dino, "DINO embeddings of the generated images").astype(np.float64)
-    return 1.0 - dino @ dino.T
-
-
-@register("dino", higher_is_better=True, backbone="dino", features=("dino",), label="DINO", scale="raw cosine",
-          real_images="dino", description="mean DINO cosine between subject-prompt images and the real subject images")
-def dino_similarity(images: ImageSet) -> PerImageScores:
-    return _mean_similarity_to_real(images, "subject", images.dino, images.real_dino, "dino")
-
-
-@register("clip_i", higher_is_better=True, backbone="clip", features=("clip_image",), label="CLIP-I",
-          scale="raw cosine", real_images="clip_image",
-          description="mean CLIP image cosine between subject-prompt images and the real subject images")
-def clip_image_similarity(images: ImageSet) -> PerImageScores:
-    return _mean_similarity_to_real(images, "subject", images.clip, images.real_clip, "clip")
-
-
-@register("clip_t", higher_is_better=True, backbone="clip", features=("clip_image", "clip_text"), label="CLIP-T",
-          scale="raw cosine (not x100, not x2.5)",
-          description="CLIP cosine between each subject-prompt image and its prompt without the identifier")
-def clip_text_similarity(images: ImageSet) -> PerImageScores:
-    clip = _require(images.clip, "CLIP embeddings of the generated images")
-    if not images.text_clip:
-        raise MetricUnavailable("no CLIP text embeddings of the prompts supplied")
-    idx = images.indices("subject")
-    if idx.size == 0:
-        raise MetricUnavailable("there are no subject-prompt images")
-    scores = np.full(len(images), np.nan)
-    for i in idx:
-        text = strip_identifier(images.prompts[i], images.identifier)
-        if text not in images.text_clip:
-            raise ValueError(f"text_clip has no embedding for {text!r} (prompt {images.prompts[i]!r} without "
-                             f"{images.identifier!r}); embed every text of clip_t_texts(...).")
-        scores[i] = float(clip[i].astype(np.float64) @ np.asarray(images.text_clip[text], dtype=np.float64))
-    return PerImageScores(scores, _prompt_seed_groups(images))
-
-
-@register("pres", higher_is_better=False, backbone="dino", features=("dino",), label="PRES", scale="raw cosine",
-          description="mean DINO cosine between class-prompt images and the real subject images (language drift)")
-def prior_preservation(images: ImageSet) -> PerImageScores:
-    return _mean_similarity_to_real(images, "class", images.dino, images.real_dino, "dino")
-
-
-@register("div_subject", higher_is_better=True, backbone="dino", features=("dino",),
-          label="DIV (subject prompts)", scale="1 - raw cosine",
-          description="mean (1 - DINO cosine) between subject-prompt images of the same prompt, different seeds")
-def subject_diversity(images: ImageSet) -> PerImageScores:
-    return _diversity(images, "subject", _one_minus_dino_cosine(images), "DINO")
-
-
-@register("div_class", higher_is_better=True, backbone="dino", features=("dino",), label="DIV (class prompts)",
-          scale="1 - raw cosine",
-          description="mean (1 - DINO cosine) between class-prompt images of the same prompt, different seeds")
-def class_diversity(images: ImageSet) -> PerImageScores:
-    return _diversity(images, "class", _one_minus_dino_cosine(images), "DINO")
-
-
-@register("div_lpips", higher_is_better=True, backbone="dino", features=(), label="DIV (LPIPS)",
-          scale="LPIPS distance",
-          description="optional: mean LPIPS distance between subject-prompt images of the same prompt, "
-                      "different seeds (the paper's DIV); needs LPIPS distances")
-def lpips_diversity(images: ImageSet) -> PerImageScores:
-    if images.lpips is None:
-        raise MetricUnavailable("LPIPS distances were not supplied (optional metric; needs LPIPS weights)")
-    return _diversity(images, "subject", np.asarray(images.lpips, dtype=np.float64), "LPIPS")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -479,7 +426,7 @@ def score_real_images(real_dino: np.ndarray | None, real_clip: np.ndarray | None
             continue
         array = arrays.get(metric.real_images)
         try:
-            per_image = leave_one_out_similarity(_require(array, f"{metric.backbone.upper()} embeddings "
+            per_image = leave_one_out_similarity(require(array, f"{metric.backbone.upper()} embeddings "
                                                                  "of the real images"))
         except MetricUnavailable as why:
             results.append(_unavailable(name, str(why)))

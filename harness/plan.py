@@ -10,11 +10,13 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from harness.backbones import BACKBONES
 from harness.backends import backend_of
 from harness.class_images import PoolSpec, plan_pools, pool_for
 from harness.config import Protocol
 from harness.data import check_instances, list_instance_files
 from harness.grid import RunSpec, WorkEstimate, estimate_work, expand
+from harness.metrics import features_for
 from harness.prompts import class_prompts, subject_prompts
 
 
@@ -108,8 +110,12 @@ def format_plan(plan: Plan) -> str:
     else:
         lines.append("  no class-image pool (prior_loss_weight is 0 everywhere)")
     instance_images = sum(len(list_instance_files(s.instance_dir)) for s in p.subjects)
+    distances = " and LPIPS distances between the seeds of each prompt" if "lpips" in features_for(p.eval.metrics) \
+        else ""
+    if distances and len(BACKBONES.get(p.eval.backbones).lpips_nets) > 1:  # the set honours eval.lpips_net
+        distances += f" ({p.eval.lpips_net})"
     lines.append(f"  caches: VAE latents of {instance_images} instance + {plan.work.class_images} class images, text "
-                 f"embeddings of the training prompts, image embeddings ({p.eval.backbones} backbones)")
+                 f"embeddings of the training prompts, image embeddings{distances} ({p.eval.backbones} backbones)")
     lines.append(f"  base-model images (step 0), generated once per subject: {plan.work.base_model_images}")
     w = plan.work
     lines += [

@@ -61,10 +61,17 @@ class RecordError(ValueError):
 # Layout
 
 
-def scores_name(backbones: str, metrics: Iterable[str], bootstrap_samples: int) -> str:
-    """File name of a scores record: other backbones or metrics give another file, never a stale one."""
-    identity = json.dumps([backbones, list(metrics), bootstrap_samples, SCORES_SCHEMA])
-    return f"scores-{text_digest(identity, 8)}.json"
+def scores_name(backbones: str, metrics: Iterable[str], bootstrap_samples: int,
+                options: Mapping[str, Any] | None = None) -> str:
+    """File name of a scores record: other backbones, metrics or options give another file, never a stale one.
+
+    `options` are further scoring settings away from their defaults ({"lpips_net": "vgg"}); left out at their
+    defaults, so adding a setting never renames the records that already exist.
+    """
+    identity = [backbones, list(metrics), bootstrap_samples, SCORES_SCHEMA]
+    if options:
+        identity.append(dict(sorted(options.items())))
+    return f"scores-{text_digest(json.dumps(identity), 8)}.json"
 
 
 def snapshot_dir(run_folder: Path, samples_key: str, step: int) -> Path:

@@ -123,7 +123,8 @@ class Study:
             self.reporter.activity("load backbones")
             with self.timings.phase("load backbones"):
                 spec = self.protocol.eval
-                embedders = make_embedders(spec.backbones, self.device, roles=roles_for(spec.metrics))
+                embedders = make_embedders(spec.backbones, self.device, roles=roles_for(spec.metrics),
+                                           lpips_net=spec.lpips_net)
                 self._scorer = Scorer(embedders, EmbeddingCache(self.cache_dir), spec)
         return self._scorer
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from harness.config import Protocol
 from harness.grid import RunSpec, expand
-from harness.metrics import metric_names
+from harness.metrics import METRICS, metric_names
 from harness.prompts import class_prompts, subject_prompts
 from harness.records import (
     ErrorRecord,
@@ -84,8 +84,8 @@ def _png(path: Path, colour: tuple[int, int, int], seed: int, size: int = 16) ->
     return path
 
 
-def _metric_entry(name: str, value: Value | None, backbones: dict[str, Any]) -> dict[str, Any]:
-    backbone = backbones["clip" if name.startswith("clip") else "dino"]["backbone"]
+def _metric_entry(name: str, value: Value | None) -> dict[str, Any]:
+    backbone = METRICS.get(name).backbone  # the role, as the evaluator writes it
     if value is None:
         return {"mean": None, "ci_low": None, "ci_high": None, "n": 0, "n_groups": 0,
                 "higher_is_better": name != "pres", "backbone": backbone,
@@ -117,7 +117,7 @@ def _scores(protocol: Protocol, kind: str, subject: str, run_key: str | None, st
     header = scores_header(kind, protocol.name, subject, spec.class_noun, spec.identifier, run_key, step)
     sampler = {"name": protocol.eval.sampler, "steps": protocol.eval.steps,
                "guidance_scale": protocol.eval.guidance_scale, "resolution": protocol.train.resolution}
-    metrics = {m: _metric_entry(m, values.get(m), backbones) for m in metric_names()}
+    metrics = {m: _metric_entry(m, values.get(m)) for m in protocol.eval.metrics}  # as the evaluator: the requested
     return scores_record(header, metrics, backbones, sampler, images, {"sampling": 1.5, "scoring": 0.25})
 
 

@@ -130,6 +130,28 @@ def test_eval_metric_names_are_checked(write_protocol):
     assert "eval.metrics: unknown metric 'cilp_i'; did you mean 'clip_i'? Valid metrics: dino" in msg
 
 
+def test_lpips_network_is_alex_by_default_vgg_on_request_and_checked(write_protocol):
+    assert load_protocol(write_protocol(MINIMAL)).eval.lpips_net == "alex"
+    vgg = load_protocol(write_protocol(MINIMAL + "eval:\n  backbones: real\n  lpips_net: vgg\n"))
+    assert vgg.eval.lpips_net == "vgg" and "div_lpips" in vgg.eval.metrics
+    msg = problems(write_protocol(MINIMAL + "eval:\n  lpips_net: squeeze\n"))
+    assert "eval.lpips_net: expected one of 'alex', 'vgg', got 'squeeze'" in msg
+    toy = MINIMAL.replace("{id: tiny}", "{id: toyworld}").replace("resolution: 32", "resolution: 64")
+    msg = problems(write_protocol(toy + "eval:\n  backbones: toyworld\n  lpips_net: vgg\n"))
+    assert "eval.lpips_net: the 'toyworld' backbone set has one LPIPS network of its own, so it cannot use 'vgg'" \
+        in msg
+
+
+def test_images_too_small_for_lpips_are_refused_before_training(write_protocol):
+    msg = problems(write_protocol(MINIMAL + "grid:\n  resolution: [24, 64]\n"))
+    assert ("grid.resolution: 24 px images are too small for LPIPS alex (div_lpips, div_lpips_class need at least "
+            "32 px)") in msg
+    without = "eval:\n  metrics: [dino, clip_t]\n"
+    assert load_protocol(write_protocol(MINIMAL.replace("resolution: 32", "resolution: 24") + without))
+    vgg = "eval:\n  lpips_net: vgg\n"
+    assert load_protocol(write_protocol(MINIMAL.replace("resolution: 32", "resolution: 16") + vgg))
+
+
 def test_moved_model_id_is_mapped_with_a_note(write_protocol):
     p = load_protocol(write_protocol(MINIMAL.replace("{id: tiny}", "{id: runwayml/stable-diffusion-v1-5}")))
     assert p.model.id == DEFAULT_MODEL
@@ -154,6 +176,66 @@ def test_prior_ablation_has_the_paper_grid():
     grid = dict(load_protocol(REPO / "protocols" / "prior_ablation.yaml").grid)
     assert grid == {"prior_loss_weight": (0.0, 0.5, 1.0), "steps": (200, 400, 800, 1200),
                     "num_class_images": (50, 100, 200)}
+
+
+def dreambench_copy(root: Path) -> Path:
+    (root / "protocols").mkdir(parents=True)
+    path = root / "protocols" / "dreambench.yaml"
+    path.write_text((REPO / "protocols" / "dreambench.yaml").read_text())
+    return path
+
+
+def test_missing_dreambench_folders_are_one_problem_naming_the_download_command(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from harness import datasets
+
+    home = tmp_path / "data" / "dreambench"  # where the copied protocol's ../data/dreambench points
+    monkeypatch.setitem(datasets.DATASETS, "dreambench", replace(datasets.DREAMBENCH, default_dest=home))
+    path = dreambench_copy(tmp_path)
+    msg = problems(path)
+    assert "1 problem(s)" in msg
+    assert (f"subjects[0].instance_dir: the instance folders of 30 subjects (backpack, backpack_dog, bear_plushie, "
+            f"berry_bowl, can, candle and 24 more) do not exist under {home}. Run `python -m harness.datasets "
+            f"dreambench` to download the 30 DreamBench subjects into {home}/, then run this command again.") in msg
+    from tests.conftest import write_images
+
+    for name in ("dog", "cat"):
+        write_images(home / name, n=1)  # an incomplete copy: the command must be told to replace it
+    msg = problems(path)
+    assert "the instance folders of 28 subjects" in msg and "dreambench --force` to download" in msg
+    assert "(the copy there is incomplete)" in msg
+
+
+def test_dreambench_protocol_evaluates_as_the_paper(tmp_path):
+    """25 prompts per subject from the object or live list, 4 images per prompt, the paper's backbones and
+    metrics, and the reference rows (real images, base model) of every subject."""
+    import yaml
+
+    from harness.plan import make_plan
+    from harness.prompts import subject_prompts
+    from tests.conftest import write_images
+
+    path = dreambench_copy(tmp_path)
+    for i, s in enumerate(yaml.safe_load(path.read_text())["subjects"]):  # other photos: another run per subject
+        write_images(tmp_path / "data" / "dreambench" / s["name"], n=1, size=256, seed=i)  # half of 512: usable
+    p = load_protocol(path)
+    live = {s.name for s in p.subjects if s.live}
+    assert live == {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}
+    assert all(s.kind != "auto" for s in p.subjects)  # pinned, not guessed from the class noun
+    prompts = {s.name: subject_prompts(s, p.eval) for s in p.subjects}
+    assert {len(v) for v in prompts.values()} == {25}
+    assert prompts["dog"][10] == "a sks dog wearing a red hat" and prompts["dog"][-1] == "a cube shaped sks dog"
+    assert prompts["teapot"][12] == "a sks teapot with the Eiffel Tower in the background"
+    shared = set(prompts["dog"]) & {t.replace("teapot", "dog") for t in prompts["teapot"]}
+    assert len(shared) == 15  # 10 scenes and 5 property changes are common; 10 prompts differ by kind
+    assert p.eval.seeds == (0, 1, 2, 3) and p.eval.max_subject_prompts is None
+    assert p.eval.backbones == "real" and p.eval.lpips_net == "alex"
+    assert {"dino", "clip_i", "clip_t", "pres", "div_lpips"} <= set(p.eval.metrics)
+    plan = make_plan(p)
+    assert plan.work.training_runs == 30
+    assert plan.work.base_model_images == 30 * (25 + len(p.eval.class_prompts)) * 4
+    assert plan.work.eval_images == plan.work.base_model_images  # one snapshot per subject, the same prompts
 
 
 def test_dreambench_protocol_is_valid_once_its_data_is_in_place(tmp_path):

@@ -111,6 +111,25 @@ def test_tiny_embedders_describe_themselves(tiny):
     assert tiny_dino(seed=3).tag == "tiny-random:dino:seed3"
 
 
+def test_describe_reads_every_preprocessing_step_from_the_transform_it_runs(tiny):
+    from torchvision import transforms
+
+    from harness.embedders import transform_facts
+
+    dino, clip = tiny["dino"].describe(), tiny["clip"].describe()
+    assert (dino["resize"], dino["crop"], dino["interpolation"]) == ("shorter side to 256", "center 224x224",
+                                                                     "bicubic, antialiased")
+    assert dino["normalisation"] == "[0, 1] pixels, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)"
+    assert (clip["resize"], clip["crop"]) == ("shorter side to 224", "center 224x224")
+    assert clip["normalisation"] == ("[0, 1] pixels, mean (0.48145466, 0.4578275, 0.40821073), std (0.26862954, "
+                                     "0.26130258, 0.27577711)")
+    other = transforms.Compose([transforms.Resize((64, 96), interpolation=transforms.InterpolationMode.BILINEAR,
+                                                  antialias=False), transforms.Grayscale(3), transforms.ToTensor()])
+    assert transform_facts(other) == {"resize": "to 96x64 (width x height)", "crop": "none",
+                                      "interpolation": "bilinear", "normalisation": "none",
+                                      "other steps": "Grayscale"}
+
+
 def test_make_embedders_rejects_unknown_backbones():
     with pytest.raises(ValueError, match=r"eval\.backbones"):
         make_embedders("huge")

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from harness.backends.tiny import build_tiny_components
 from harness.config import EvalSpec, SubjectSpec
 from harness.embedders import EmbeddingCache, make_embedders
-from harness.evaluator import Scorer, real_images_record, samples_record
+from harness.evaluator import Scorer, real_images_record, record_name, samples_record
+from harness.metrics import roles_for
+from harness.records import scores_name
 from harness.sampling import eval_requests, generate, missing, read_samples, sampler_settings, samples_key
 from tests.conftest import write_images
 
@@ -80,7 +84,7 @@ def test_one_snapshot_sampled_and_scored_end_to_end(tmp_path, subject, component
     requests = eval_requests(subject, SPEC)
     out = tmp_path / "samples"
     generate(components, requests, out, sampler_settings(SPEC, 32), "cpu", "fp32", {"run_key": "abc", "step": 2})
-    scorer = Scorer(make_embedders("tiny"), EmbeddingCache(tmp_path / "cache"), SPEC)
+    scorer = Scorer(make_embedders("tiny", roles=roles_for(SPEC.metrics)), EmbeddingCache(tmp_path / "cache"), SPEC)
     real = sorted(subject.instance_dir.iterdir())
     record = samples_record(scorer, read_samples(out, requests), real, subject, kind="snapshot", protocol="t",
                             run_key="abc", step=2, sampler={"name": "ddim"}, seconds={"sampling": 1.0})
@@ -109,7 +113,7 @@ def test_one_snapshot_sampled_and_scored_end_to_end(tmp_path, subject, component
 
 
 def test_real_images_row_is_leave_one_out(tmp_path, subject):
-    scorer = Scorer(make_embedders("tiny"), EmbeddingCache(tmp_path / "cache"), SPEC)
+    scorer = Scorer(make_embedders("tiny", roles=roles_for(SPEC.metrics)), EmbeddingCache(tmp_path / "cache"), SPEC)
     real = sorted(subject.instance_dir.iterdir())
     record = real_images_record(scorer, real, subject, "t")
     assert record["kind"] == "real_images" and record["step"] is None
@@ -117,3 +121,93 @@ def test_real_images_row_is_leave_one_out(tmp_path, subject):
     assert dino["n"] == 3 and dino["mean"] < 0.999999  # self-pairs (cosine 1) are excluded
     assert record["metrics"]["clip_t"]["mean"] is None and record["metrics"]["clip_t"]["note"]
     assert not math.isnan(record["metrics"]["clip_i"]["mean"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LPIPS distances
+
+
+def write_samples(folder, groups: list[tuple[str, str, int]], size: int = 32) -> list[dict]:
+    """One random PNG per (kind, prompt, seed), as sampling writes them (the sidecar fields the scorer reads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    samples = []
+    for i, (kind, prompt, seed) in enumerate(groups):
+        path = folder / f"{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        samples.append({"path": str(path), "prompt": prompt, "prompt_kind": kind, "seed": seed})
+    return samples
+
+
+def package_lpips(a: Path, b: Path) -> float:
+    """The `lpips` package's own forward on two files, with tiny_lpips's random trunk (seed 0)."""
+    import warnings
+
+    import lpips
+    import torch
+
+    from harness.backbones import seeded
+
+    def pixels(path: Path) -> torch.Tensor:
+        array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+        return torch.from_numpy(array * 2 - 1).permute(2, 0, 1)[None]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = seeded(0, lambda: lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)).eval()
+    with torch.no_grad():
+        return float(model(pixels(a), pixels(b)).item())
+
+
+def test_lpips_is_computed_between_the_seeds_of_each_prompt_only_and_cached(tmp_path, subject, monkeypatch):
+    groups = [("subject", "a sks dog in the snow", s) for s in (0, 1, 2)] + \
+             [("subject", "a sks dog on the beach", 0)] + [("class", "a dog", s) for s in (0, 1)] + \
+             [("class", "a dog in the snow", s) for s in (0, 1)]
+    samples = write_samples(tmp_path / "samples", groups)
+    paths = [Path(s["path"]) for s in samples]
+    kinds, prompts, seeds = zip(*groups, strict=True)
+    scorer = Scorer(make_embedders("tiny", roles=roles_for(SPEC.metrics)), EmbeddingCache(tmp_path / "cache"), SPEC)
+    computed = []
+    network = scorer.embedders["lpips"]
+    original = network.distance_matrix
+    monkeypatch.setattr(network, "distance_matrix", lambda images: computed.append(len(images)) or original(images))
+
+    matrix = scorer.lpips_matrix(paths, prompts, seeds, kinds)
+    assert sorted(computed) == [2, 2, 3]  # one call per prompt with two or more seeds; "on the beach" has one
+    pairs = {(i, j) for i in range(8) for j in range(8) if i != j and groups[i][:2] == groups[j][:2]}
+    for i in range(8):
+        for j in range(8):
+            if (i, j) in pairs:
+                assert abs(matrix[i, j] - package_lpips(paths[i], paths[j])) < 1e-6
+            elif i != j or i == 3:
+                assert np.isnan(matrix[i, j]), (i, j)
+    assert len(list((tmp_path / "cache" / "lpips").rglob("*.npy"))) == len(pairs) // 2
+
+    computed.clear()
+    assert np.array_equal(scorer.lpips_matrix(paths, prompts, seeds, kinds), matrix, equal_nan=True)
+    assert computed == []  # every pair came from the cache
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(paths[4])  # one class image changes
+    changed = scorer.lpips_matrix(paths, prompts, seeds, kinds)
+    assert computed == [2] and changed[4, 5] != matrix[4, 5] and changed[0, 1] == matrix[0, 1]
+
+    record = samples_record(scorer, samples, sorted(subject.instance_dir.iterdir()), subject, kind="snapshot",
+                            protocol="t", run_key="abc", step=2, sampler={"name": "ddim"}, seconds={})
+    subject_pairs = [(0, 1), (0, 2), (1, 2)]
+    class_pairs = [(4, 5), (6, 7)]
+    assert record["metrics"]["div_lpips"]["mean"] == pytest.approx(
+        np.mean([changed[i, j] for i, j in subject_pairs]), abs=1e-6)
+    assert record["metrics"]["div_lpips_class"]["mean"] == pytest.approx(
+        np.mean([changed[i, j] for i, j in class_pairs]), abs=1e-6)
+    assert "1 prompt(s) with a single seed skipped" in record["metrics"]["div_lpips"]["note"]
+    assert record["backbones"]["lpips"]["backbone"] == "tiny-random:lpips-alex"
+
+
+def test_a_scorer_without_the_backbone_its_metrics_need_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"the metrics div_lpips, div_lpips_class need the lpips backbone"):
+        Scorer(make_embedders("tiny"), EmbeddingCache(tmp_path / "cache"), SPEC)
+
+
+def test_record_names_keep_their_spelling_and_change_with_the_lpips_network():
+    assert record_name(SPEC) == scores_name("tiny", SPEC.metrics, SPEC.bootstrap_samples)
+    assert record_name(replace(SPEC, lpips_net="vgg")) not in (record_name(SPEC), scores_name(
+        "tiny", SPEC.metrics, SPEC.bootstrap_samples, {"lpips_net": "alex"}))

@@ -76,7 +76,8 @@ class TinyOtherSeed(ModelBackend):
 def registered():
     METHODS.register("bias_only", BiasOnly)
     register("dino_min", higher_is_better=True, backbone="dino", features=("dino",), label="DINO (min)",
-             scale="raw cosine", description="lowest DINO cosine of a subject image to a real image")(farthest_real)
+             scale="raw cosine", pairing="each subject-prompt image with its farthest real image",
+             description="lowest DINO cosine of a subject image to a real image")(farthest_real)
     MODEL_BACKENDS.register("tiny3", TinyOtherSeed())
     yield
     METHODS.unregister("bias_only")

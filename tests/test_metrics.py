@@ -263,7 +263,8 @@ def test_a_registered_metric_is_scored_and_its_features_are_checked():
     from harness.metrics import register, roles_for
 
     @register("test_dino_mean", higher_is_better=False, backbone="dino", features=("dino",), label="TEST",
-              scale="raw cosine", description="mean DINO cosine to the real images, for every image")
+              scale="raw cosine", pairing="all pairs of images and real images",
+              description="mean DINO cosine to the real images, for every image")
     def every_image(images):
         scores = (images.dino.astype(np.float64) @ images.real_dino.astype(np.float64).T).mean(axis=1)
         return PerImageScores(scores, tuple(range(len(images))))
@@ -276,12 +277,19 @@ def test_a_registered_metric_is_scored_and_its_features_are_checked():
         assert results[0].higher_is_better is False and roles_for(["test_dino_mean", "clip_t"]) == ("clip", "dino")
         with pytest.raises(ValueError, match="registered twice"):
             register("test_dino_mean", higher_is_better=True, backbone="dino", features=("dino",), label="x",
-                     scale="x", description="x")(every_image)
+                     scale="x", pairing="x", description="x")(every_image)
     finally:
         METRICS.unregister("test_dino_mean")
     with pytest.raises(ValueError, match="unknown feature"):
         register("test_bad", higher_is_better=True, backbone="dino", features=("depth",), label="x", scale="x",
+                 pairing="x", description="x")
+    with pytest.raises(ValueError, match="pairing"):
+        register("test_bad", higher_is_better=True, backbone="dino", features=("dino",), label="x", scale="x",
+                 pairing=" ", description="x")
+    with pytest.raises(TypeError, match="pairing"):
+        register("test_bad", higher_is_better=True, backbone="dino", features=("dino",), label="x", scale="x",
                  description="x")
+    assert "test_bad" not in METRICS
 
 
 def test_unknown_and_unavailable_metrics_come_back_with_a_note():

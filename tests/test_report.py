@@ -212,3 +212,35 @@ def test_a_prior_that_raises_drift_is_said_to_raise_it(tiny, tmp_path):
     assert "At step 4, prior preservation (w=1, n=2) raises PRES from 0.670 [0.640, 0.700] to 0.800 " \
            "[0.770, 0.830] (intervals apart)." in verdict
     assert "does not lower" not in verdict
+
+
+# --------------------------------------------------------------------------------------------------------------
+# How every number was computed, and the paper's Table 1
+
+
+def test_metric_definitions_say_pairing_scale_cosines_identifier_and_backbone(tiny, tmp_path):
+    text, _ = _report(tiny, tmp_path)
+    metrics = text.split("### Metrics")[1].split("## Results")[0]
+    clip_t = next(line for line in metrics.splitlines() if line.startswith("| CLIP-T (`clip_t`)"))
+    assert "| raw cosine (not x100, not x2.5) | one to one: each subject-prompt image with its own prompt | kept | " \
+           "removed before encoding | — | tiny-clip-0 (random weights) |" in clip_t
+    dino = next(line for line in metrics.splitlines() if line.startswith("| DINO (`dino`)"))
+    assert "all pairs of a subject-prompt image and a real image" in dino and "| leave-one-out |" in dino
+    clipscore = next(line for line in metrics.splitlines() if "(`clip_t_clipscore`)" in line)
+    assert "*not computed*: not in eval.metrics" in clipscore and "clipped to 0: max(cos, 0)" in clipscore
+    assert "| backbone role | model | weights | resize | crop | interpolation | normalisation | output |" in metrics
+
+
+def test_the_paper_comparison_needs_the_papers_backbones(tiny, real, tmp_path):
+    text, _ = _report(tiny, tmp_path / "tiny")
+    assert "## Comparison with the DreamBooth paper" not in text
+    text, _ = _report(real, tmp_path / "real", tiny_backbones=False, fail_run=2)
+    section = text.split("## Comparison with the DreamBooth paper")[1].split("## Results")[0]
+    assert "| *DreamBooth, Stable Diffusion (paper)* | 0.668 | 0.803 | 0.305 | 30 |" in section
+    assert "| *real images (paper)* | 0.774 | 0.885 | — | 30 |" in section
+    assert "| real images (this study) | 0.770 [0.770, 0.770] | — | — | 1 |" in section  # leave-one-out per image
+    assert "| base model, step 0 (this study) | 0.300 [0.300, 0.300] | 0.500 [0.500, 0.500] | 0.300 " in section
+    for label, weight, count, step in (("w=0", 0.0, 0, 4), ("w=1, n=2", 1.0, 2, 4), ("w=1, n=4", 1.0, 4, 2)):
+        dino = metric_value("dino", weight, count, step / 4)[0]  # every subject image of the fake scores this
+        assert f"| {label} @ {step} (this study) | {dino:.3f} [{dino:.3f}, {dino:.3f}] | {dino + 0.2:.3f} " in section
+    assert "w=1, n=4 @ 4" not in section  # the failed run has no step 4: not every subject was scored there

@@ -12,6 +12,7 @@ import pytest
 
 from harness import __version__
 from harness.config import load_protocol
+from harness.metrics import metric_names
 from harness.records import RecordError
 from harness.results import (
     Records,
@@ -46,23 +47,29 @@ RUNS_HEADER = [
     'clip_i_ci_high', 'clip_i_n', 'clip_t', 'clip_t_ci_low', 'clip_t_ci_high', 'clip_t_n', 'pres', 'pres_ci_low',
     'pres_ci_high', 'pres_n', 'div_subject', 'div_subject_ci_low', 'div_subject_ci_high', 'div_subject_n',
     'div_class', 'div_class_ci_low', 'div_class_ci_high', 'div_class_n', 'div_lpips', 'div_lpips_ci_low',
-    'div_lpips_ci_high', 'div_lpips_n', 'status', 'error', 'error_phase', 'train_seconds', 'seconds_per_step',
-    'sampling_seconds', 'scoring_seconds', 'peak_memory_gib', 'device', 'optimizer_used', 'clip_backbone',
-    'dino_backbone', 'eval_sampler', 'eval_steps', 'eval_guidance_scale', 'eval_resolution', 'eval_seeds',
-    'model_id', 'model_revision', 'harness_version',
+    'div_lpips_ci_high', 'div_lpips_n', 'div_lpips_class', 'div_lpips_class_ci_low', 'div_lpips_class_ci_high',
+    'div_lpips_class_n', 'clip_t_clipscore', 'clip_t_clipscore_ci_low', 'clip_t_clipscore_ci_high',
+    'clip_t_clipscore_n', 'clip_t_x100', 'clip_t_x100_ci_low', 'clip_t_x100_ci_high', 'clip_t_x100_n', 'status',
+    'error', 'error_phase', 'train_seconds', 'seconds_per_step', 'sampling_seconds', 'scoring_seconds',
+    'peak_memory_gib', 'device', 'optimizer_used', 'clip_backbone', 'dino_backbone', 'lpips_backbone',
+    'eval_sampler', 'eval_steps', 'eval_guidance_scale', 'eval_resolution', 'eval_seeds', 'model_id',
+    'model_revision', 'harness_version',
 ]
 IMAGES_HEADER = [
     'source', 'protocol', 'subject', 'run_key', 'step', 'prompt', 'prompt_kind', 'seed', 'path', 'dino', 'clip_i',
-    'clip_t', 'pres', 'div_subject', 'div_class', 'div_lpips',
+    'clip_t', 'pres', 'div_subject', 'div_class', 'div_lpips', 'div_lpips_class', 'clip_t_clipscore', 'clip_t_x100',
 ]
 REFERENCES_HEADER = [
     'reference', 'protocol', 'subject', 'class_noun', 'step', 'dino', 'dino_ci_low', 'dino_ci_high', 'dino_n',
     'clip_i', 'clip_i_ci_low', 'clip_i_ci_high', 'clip_i_n', 'clip_t', 'clip_t_ci_low', 'clip_t_ci_high', 'clip_t_n',
     'pres', 'pres_ci_low', 'pres_ci_high', 'pres_n', 'div_subject', 'div_subject_ci_low', 'div_subject_ci_high',
     'div_subject_n', 'div_class', 'div_class_ci_low', 'div_class_ci_high', 'div_class_n', 'div_lpips',
-    'div_lpips_ci_low', 'div_lpips_ci_high', 'div_lpips_n', 'sampling_seconds', 'scoring_seconds', 'clip_backbone',
-    'dino_backbone', 'eval_sampler', 'eval_steps', 'eval_guidance_scale', 'eval_resolution', 'eval_seeds',
-    'model_id', 'model_revision', 'harness_version',
+    'div_lpips_ci_low', 'div_lpips_ci_high', 'div_lpips_n', 'div_lpips_class', 'div_lpips_class_ci_low',
+    'div_lpips_class_ci_high', 'div_lpips_class_n', 'clip_t_clipscore', 'clip_t_clipscore_ci_low',
+    'clip_t_clipscore_ci_high', 'clip_t_clipscore_n', 'clip_t_x100', 'clip_t_x100_ci_low', 'clip_t_x100_ci_high',
+    'clip_t_x100_n', 'sampling_seconds', 'scoring_seconds', 'clip_backbone', 'dino_backbone', 'lpips_backbone',
+    'eval_sampler', 'eval_steps', 'eval_guidance_scale', 'eval_resolution', 'eval_seeds', 'model_id',
+    'model_revision', 'harness_version',
 ]
 
 
@@ -216,6 +223,22 @@ def test_metadata_records_backbones_scales_versions_and_timings(protocol, tmp_pa
     assert meta["grid"] == [["prior_loss_weight", [0.0, 1.0]], ["steps", [2, 4]], ["num_class_images", [2, 4]]]
     assert meta["timings"] == {"train": 12.5} and meta["devices"] == ["NVIDIA H100 80GB HBM3"]
     assert meta["columns"]["runs.csv"] == runs_columns() == RUNS_HEADER
+
+
+def test_metadata_says_how_every_metric_is_computed(protocol, tmp_path):
+    folder, _ = _write(protocol, tmp_path)
+    metrics = json.loads((folder / "metadata.json").read_text())["metrics"]
+    assert set(metrics) == set(metric_names())
+    clip_t, dino, clipscore = metrics["clip_t"], metrics["dino"], metrics["clip_t_clipscore"]
+    assert (clip_t["pairing"], clip_t["negative_cosines"], clip_t["identifier"], clip_t["backbone_role"]) == (
+        "one to one: each subject-prompt image with its own prompt", "kept", "removed before encoding", "clip")
+    assert clip_t["backbone"] == "tiny-clip-0 (random weights)"
+    assert clip_t["backbone_details"] == {"backbone": "tiny-clip-0", "pretrained": "random (tiny, pipeline check only)"}
+    assert dino["real_images_row"].startswith("leave-one-out") and dino["identifier"] == "no prompt text"
+    assert clipscore["negative_cosines"] == "clipped to 0: max(cos, 0)" and clipscore["scale"].startswith("2.5 x")
+    assert clipscore["notes"] == ["not in eval.metrics; add it there to compute it"]
+    assert metrics["div_lpips"]["backbone_role"] == "lpips" and metrics["div_lpips"]["negative_cosines"] == \
+        "not a cosine"
 
 
 def test_real_model_and_backbones_are_not_a_pipeline_check(write_protocol, tmp_path):

@@ -226,6 +226,22 @@ def test_toy_backbones_embed_into_unit_rows():
     assert dino.tag.startswith("toyworld:dino@")
 
 
+def test_the_toy_lpips_network_measures_how_much_renders_differ():
+    """Distance 0 between a render and a copy of it, above 0 between the subject in two settings, symmetric; its
+    uniform layer weights and its source are stated."""
+    network = tm.toy_lpips()
+    subject = [Image.fromarray(render_array(s)) for s in SUBJECT_VIEWS[:2]]
+    other = Image.fromarray(render_array(sample_scene(np.random.default_rng(4), "base")))
+    matrix = network.distance_matrix([subject[0], subject[0].copy(), subject[1], other])
+    assert matrix[0, 1] == 0.0 and matrix[0, 2] > 0 and np.array_equal(matrix, matrix.T)
+    described = network.describe()
+    assert described["backbone"].startswith("toyworld:lpips-vae@") and described["pretrained"] == tm.LPIPS_SOURCE
+    assert described["layer_weights"].startswith("uniform") and described["resize"].startswith("none")
+    with pytest.raises(ValueError, match=r"one LPIPS network.*'vgg'.*eval\.lpips_net"):
+        tm.toy_lpips(net="vgg")
+    assert set(tm.TOY_BACKBONES.builders) == {"clip", "dino", "lpips"} and tm.TOY_BACKBONES.lpips_nets == ("alex",)
+
+
 def test_the_dino_role_encoder_recognises_the_subject_across_settings():
     """Views of the subject are closer to each other than to boxes that differ only in stripe colour or angle."""
     dino = tm.toy_dino()
@@ -334,7 +350,9 @@ def test_the_toy_study_runs_end_to_end_with_toy_backbones(toy_study):
     assert len(runs) == 8 and set(runs["status"]) == {"ok"}
     for metric in ("dino", "clip_i", "clip_t", "pres", "div_class"):
         assert runs[metric].between(-1, 2).all(), metric
+    assert (runs["div_lpips"] > 0).all() and (runs["div_lpips_class"] > 0).all()
     assert runs["dino_backbone"].str.startswith("toyworld:dino@").all()
+    assert runs["lpips_backbone"].str.startswith("toyworld:lpips-vae@").all()
     meta = json.loads((toy_study / "results" / "toy_ci" / "metadata.json").read_text())
     assert meta["pipeline_check_only"] is False and "toy world" in meta["scope_note"]
     assert meta["model"]["revision"] == tm.weights_revision()

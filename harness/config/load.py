@@ -36,7 +36,7 @@ from harness.config.schema import (
 )
 from harness.config.yaml_lines import Collector, read_yaml
 from harness.methods import METHODS, setting_owners
-from harness.metrics import METRICS
+from harness.metrics import METRICS, features_for
 
 BASE_TOP_LEVEL_KEYS = ("name", "description", "model", "subjects", "train", "class_images", "eval", "output", "grid",
                        "execution", "limits")
@@ -98,6 +98,7 @@ def _build_subjects(raw: Any, base: Path, errs: Collector) -> tuple[SubjectSpec,
         errs.add(("subjects",), "must be a non-empty list of subjects, each with name and instance_dir.")
         return ()
     subjects = []
+    missing_data: dict[str, list[tuple[int, SubjectSpec, Path]]] = {}  # download hint -> subjects it would fill
     for i, item in enumerate(raw):
         at = ("subjects", i)
         subject = build_section(SubjectSpec, item, at, errs)
@@ -107,13 +108,17 @@ def _build_subjects(raw: Any, base: Path, errs: Collector) -> tuple[SubjectSpec,
                 errs.add(at, f"is missing {' and '.join(missing)}; every subject needs a name and an instance_dir.")
             continue
         folder = subject.instance_dir if subject.instance_dir.is_absolute() else (base / subject.instance_dir).resolve()
-        if not folder.is_dir():
+        if not folder.is_dir() and (hint := _dataset_hint(folder)):
+            missing_data.setdefault(hint, []).append((i, subject, folder))
+        elif not folder.is_dir():
             parent = "" if folder.parent.is_dir() else f" (nor does its parent {folder.parent})"
             errs.add(at + ("instance_dir",), f"folder {folder} does not exist{parent}. Paths are relative to the "
                                              "protocol file's folder; point it at a folder of 3-6 photos of the "
-                                             "subject." + _dataset_hint(folder))
+                                             "subject.")
         _check_subject_prompts(subject, at, errs)
         subjects.append(replace(subject, instance_dir=folder))
+    for hint, missing in missing_data.items():
+        _missing_dataset(hint, missing, errs)
     names = [s.name for s in subjects]
     for name in sorted({n for n in names if names.count(n) > 1}):
         errs.add(("subjects",), f"the name {name!r} is used by more than one subject; names must be unique.")
@@ -121,13 +126,26 @@ def _build_subjects(raw: Any, base: Path, errs: Collector) -> tuple[SubjectSpec,
 
 
 def _dataset_hint(folder: Path) -> str:
-    """Where a public dataset folder is missing, the command that downloads it."""
+    """Where a public dataset folder is missing, the command that downloads it ("" elsewhere)."""
     try:
         from harness.datasets import dataset_hint
     except ImportError:
         return ""
-    hint = dataset_hint(folder)
-    return f" {hint}" if hint else ""
+    return dataset_hint(folder) or ""
+
+
+def _missing_dataset(hint: str, missing: list[tuple[int, SubjectSpec, Path]], errs: Collector) -> None:
+    """One problem for every missing instance folder that one download fills, at the first such subject."""
+    first, _, folder = missing[0]
+    if len(missing) == 1:
+        errs.add(("subjects", first, "instance_dir"), f"folder {folder} does not exist. {hint[:1].upper()}{hint[1:]}, "
+                                                      "then run this command again.")
+        return
+    names = [s.name for _, s, _ in missing]
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    errs.add(("subjects", first, "instance_dir"), f"the instance folders of {len(missing)} subjects ({shown}) do not "
+                                                  f"exist under {folder.parent}. {hint[:1].upper()}{hint[1:]}, then "
+                                                  "run this command again.")
 
 
 def _check_subject_prompts(subject: SubjectSpec, at: tuple, errs: Collector) -> None:
@@ -189,6 +207,11 @@ def _check_eval(spec: EvalSpec, errs: Collector) -> None:
     for m in spec.metrics:
         if m not in METRICS:
             errs.add(at + ("metrics",), f"unknown metric {m!r}; {suggest(m, METRICS.names(), 'metrics')}")
+    if spec.lpips_net != EvalSpec.lpips_net and spec.backbones in BACKBONES:
+        offered = BACKBONES.get(spec.backbones).lpips_nets
+        if spec.lpips_net not in offered:
+            errs.add(at + ("lpips_net",), f"the {spec.backbones!r} backbone set has one LPIPS network of its own, "
+                                          f"so it cannot use {spec.lpips_net!r}; remove eval.lpips_net.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -398,12 +421,27 @@ def _check_combinations(protocol: Protocol, errs: Collector, setting_at: dict[tu
         for key, message in METHODS.get(name).check(settings, protocol.train):
             errs.add(setting_at.get((name, key), (name, key)), message)
     backend = backend_of(protocol.model)
+    _check_lpips_size(protocol, axes, errs)
     for at, message in backend.check_protocol(protocol):
         errs.add(at, message)
     for i, s in enumerate(protocol.subjects):
         problem = _identifier_problem(s) or backend.identifier_problem(protocol.model, s.identifier.strip())
         if problem:
             errs.add(("subjects", i, "identifier"), problem)
+
+
+def _check_lpips_size(protocol: Protocol, axes: dict[str, tuple], errs: Collector) -> None:
+    """LPIPS metrics on images smaller than the network's pooling layers take: refused now, not after training."""
+    spec = protocol.eval
+    if "lpips" not in features_for(spec.metrics) or spec.backbones not in BACKBONES:
+        return
+    smallest = BACKBONES.get(spec.backbones).lpips_min_side.get(spec.lpips_net, 0)
+    resolution = min(axes.get("resolution", (protocol.train.resolution,)))
+    if resolution < smallest:
+        where = ("grid", "resolution") if "resolution" in axes else ("train", "resolution")
+        errs.add(where, f"{resolution} px images are too small for LPIPS {spec.lpips_net} (div_lpips, "
+                        f"div_lpips_class need at least {smallest} px); raise the resolution or leave those metrics "
+                        "out of eval.metrics.")
 
 
 def _setting_places(data: dict, loose: dict[str, Any], study: tuple[str, ...]) -> dict[tuple[str, str], tuple]:

@@ -155,7 +155,9 @@ class EvalSpec:
     steps: int = rule(25, min=1)
     guidance_scale: float = rule(7.5, min=0)
     batch_size: int | None = rule(None, min=1, null="automatic")  # None: the largest batch that fits
-    metrics: tuple[str, ...] = ("dino", "clip_i", "clip_t", "pres", "div_subject", "div_class")
+    metrics: tuple[str, ...] = ("dino", "clip_i", "clip_t", "pres", "div_subject", "div_class", "div_lpips",
+                                "div_lpips_class")
+    lpips_net: Literal["alex", "vgg"] = "alex"  # the LPIPS trunk of div_lpips*; AlexNet, as its authors advise
     bootstrap_samples: int = rule(1000, min=100, hint="fewer gives no usable interval")
     max_subject_prompts: int | None = rule(None, min=1, null="all")  # None: all prompts of the list
 

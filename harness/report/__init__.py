@@ -10,6 +10,8 @@ It never ranks two configurations whose intervals overlap without saying so.
     verdict.py   the sentences: fidelity at acceptable drift, prior effect, overfitting, best per metric
     figures.py   matplotlib plots: metrics against steps, fidelity-drift frontier, diversity
     grids.py     PIL image grids (`compose_grid`, `image_grid`)
+    definitions.py  how every number was computed: metric recipes and backbones (`metric_definitions`)
+    paper.py     the comparison with the DreamBooth paper's Table 1, with the paper's backbones only
     markdown.py  the report itself (`render_report`, `write_report`)
 
 Plots use matplotlib's object API on the Agg canvas (no pyplot, no global backend change); grids use PIL.

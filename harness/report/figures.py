@@ -219,7 +219,7 @@ def _diversity_axis(tables: ResultTables) -> str | None:
 def plot_diversity(tables: ResultTables, subject: str, path: Path) -> Path | None:
     """Diversity at the last common step against the prior weight, one line per class-image count."""
     rows = ok_rows(tables, subject)
-    metrics = available(rows, ("div_subject", "div_class", "div_lpips"))
+    metrics = available(rows, ("div_subject", "div_class", "div_lpips", "div_lpips_class"))
     if rows.empty or not metrics:
         return None
     step = int(rows["step"].max())

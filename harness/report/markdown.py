@@ -5,8 +5,9 @@
 plots and image grids, the failed runs, the timings and links to the CSVs; `write_report` saves it and removes the
 figures it no longer links.
 
-What this module does not hold: the sentences (verdict.py), the plots (figures.py), the image grids (grids.py) or
-the reading of the CSVs, intervals and labels (tables.py). It computes no metric and reads no run folder.
+What this module does not hold: the sentences (verdict.py), the plots (figures.py), the image grids (grids.py), the
+metric and backbone definitions (definitions.py), the comparison with the paper (paper.py) or the reading of the
+CSVs, intervals and labels (tables.py). It computes no metric and reads no run folder.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import pandas as pd
 
 from harness.config import Protocol
 from harness.metrics import metric_names
+from harness.report.definitions import metric_definitions
 from harness.report.figures import plot_diversity, plot_frontier, plot_metrics_vs_steps
 from harness.report.grids import image_grid
+from harness.report.paper import paper_comparison
 from harness.report.tables import (
     BANNER,
     FIELD_LABELS,
@@ -112,8 +115,8 @@ def _setup(tables: ResultTables, protocol: Protocol | None) -> list[str]:
         f"- Evaluation: seeds {ev.get('seeds')}, {ev.get('sampler')} with {ev.get('steps')} steps, guidance "
         f"{ev.get('guidance_scale')}; {len(ev.get('class_prompts', []))} class prompts.",
         "- Metric backbones: " + ("; ".join(f"{k}: `{v.get('label')}`" for k, v in meta.get("backbones", {}).items())
-                                  or "not recorded") + ". Scores are raw cosines; numbers are comparable only "
-        "with the same backbones.",
+                                  or "not recorded") + ". Each metric's scale, pairing and preprocessing are in "
+        "the tables below; numbers are comparable only with the same backbones and recipe.",
         f"- Hardware: {', '.join(meta.get('devices') or []) or 'not recorded'}" + _peak_memory(runs) + ".",
         f"- Wall time: {_duration(_wall_seconds(tables))} (training, sampling and scoring of the recorded runs).",
         f"- Harness {meta.get('harness_version')}; protocol file `{meta.get('protocol_path')}`.",
@@ -147,18 +150,6 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def _metric_definitions(tables: ResultTables) -> list[str]:
-    lines = ["| metric | direction | scale | backbone | what it measures |", "|---|---|---|---|---|"]
-    for m in metric_names():
-        info = tables.metadata.get("metrics", {}).get(m, {})
-        notes = "; ".join(info.get("notes") or [])
-        computed = tables.runs[m].notna().any() or tables.references[m].notna().any()
-        what = info.get("description", "") + ("" if computed else f" — *not computed*{': ' + notes if notes else ''}")
-        lines.append(f"| {metric_label(m)} (`{m}`) | {'higher' if info.get('higher_is_better') else 'lower'}"
-                     f" is better | {info.get('scale', '')} | {info.get('backbone') or '—'} | {_md_cell(what)} |")
-    return lines
 
 
 def _failures(tables: ResultTables) -> list[str]:
@@ -254,7 +245,8 @@ def render_report(tables: ResultTables, out_dir: Path, protocol: Protocol | None
         lines += [f"**{subject}**", "", *verdict(tables, subject), ""]
     lines += ["Each comparison above uses 95% bootstrap intervals over (prompt, seed) groups; where intervals "
               "overlap the report says so instead of ranking.", ""]
-    lines += ["## Setup", "", *_setup(tables, protocol), "", "### Metrics", "", *_metric_definitions(tables), ""]
+    lines += ["## Setup", "", *_setup(tables, protocol), "", "### Metrics", "", *metric_definitions(tables), ""]
+    lines += paper_comparison(tables)
     for subject in subjects:
         lines += [f"## Results: {subject}", "", *results_table(tables, subject), ""]
         lines += _figures_for_subject(tables, subject, figures, out_dir, protocol)

@@ -62,8 +62,9 @@ def _metric_doc() -> dict[str, str]:
 
 
 SETUP_DOC = {
-    "clip_backbone": "CLIP model of clip_i and clip_t, as tag (weights)",
-    "dino_backbone": "DINO model of dino, pres and the diversities, as tag (weights)",
+    "clip_backbone": "CLIP model of clip_i and the clip_t metrics, as tag (weights)",
+    "dino_backbone": "DINO model of dino, pres, div_subject and div_class, as tag (weights)",
+    "lpips_backbone": "LPIPS network of div_lpips and div_lpips_class, as tag (weights)",
     "eval_sampler": "scheduler used to sample the evaluation images",
     "eval_steps": "denoising steps of evaluation sampling",
     "eval_guidance_scale": "classifier-free guidance scale of evaluation sampling",
@@ -115,7 +116,8 @@ def images_columns_doc() -> dict[str, str]:
         "path": "the image file, relative to this CSV's folder when it lies under the folder that holds results/ "
                 "(../../runs/...), absolute otherwise",
         "<metric>": "the image's own score for that metric, where one exists (dino, clip_i: mean cosine to the real "
-                    "images; clip_t: cosine to its prompt; pres: class image to real images); empty otherwise",
+                    "images; clip_t and its other scales: to its prompt; pres: class image to real images; the "
+                    "diversities: mean distance to the other seeds of its prompt); empty otherwise",
     }
 
 

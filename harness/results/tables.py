@@ -63,6 +63,7 @@ def _setup_values(protocol: Protocol, record: ScoreRecord | None) -> dict[str, A
     return {
         "clip_backbone": _backbone_label(backbones.get("clip")) if backbones.get("clip") else None,
         "dino_backbone": _backbone_label(backbones.get("dino")) if backbones.get("dino") else None,
+        "lpips_backbone": _backbone_label(backbones.get("lpips")) if backbones.get("lpips") else None,
         "eval_sampler": sampler.get("name", protocol.eval.sampler),
         "eval_steps": sampler.get("steps", protocol.eval.steps),
         "eval_guidance_scale": sampler.get("guidance_scale", protocol.eval.guidance_scale),
@@ -255,6 +256,15 @@ def _own_method_settings(protocol: Protocol) -> dict[str, Any]:
     return asdict(methods[protocol.train.method]) if protocol.train.method in methods else {}
 
 
+def _metric_metadata(name: str, backbone: str, backbones: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
+    """How one metric's numbers were computed: the registry's recipe, and the backbone's weights and preprocessing
+    as the backbone described itself when it scored."""
+    metric = METRICS.get(name)
+    details = backbones.get(metric.backbone)
+    return {**metric.recipe(), "backbone": backbone or (_backbone_label(details) if details else ""),
+            "backbone_details": dict(details) if isinstance(details, Mapping) else None, "notes": notes}
+
+
 def results_metadata(protocol: Protocol, runs: Iterable[RunSpec], records: Records,
                      timings: Mapping[str, float] | None = None) -> dict[str, Any]:
     """What the CSVs do not repeat on every row: backbones, metric scales and directions, versions, timings."""
@@ -274,6 +284,9 @@ def results_metadata(protocol: Protocol, runs: Iterable[RunSpec], records: Recor
             if value.backbone:  # the evaluator names the backbone's role ("dino"); show which model that was
                 role = record.backbones.get(value.backbone)
                 metric_backbone.setdefault(name, _backbone_label(role) if role else value.backbone)
+    for name in metric_names():
+        if name not in protocol.eval.metrics:
+            notes[name].insert(0, "not in eval.metrics; add it there to compute it")
     devices = sorted({str(f.train["device"]) for f in records.runs.values()
                       if f.train and f.train.get("device") and f.run_key in {r.run_key for r in runs}})
     reason = pipeline_check_reason(protocol, records)
@@ -293,11 +306,7 @@ def results_metadata(protocol: Protocol, runs: Iterable[RunSpec], records: Recor
         "train": json.loads(json.dumps({**asdict(protocol.train), **_own_method_settings(protocol)}, default=str)),
         "eval": json.loads(json.dumps(asdict(protocol.eval), default=str)),
         "backbones": {name: {"label": _backbone_label(info), "details": info} for name, info in backbones.items()},
-        "metrics": {
-            m: {"higher_is_better": METRICS.get(m).higher_is_better, "description": METRICS.get(m).description,
-                "scale": METRICS.get(m).scale, "backbone": metric_backbone.get(m, ""), "notes": notes[m]}
-            for m in metric_names()
-        },
+        "metrics": {m: _metric_metadata(m, metric_backbone.get(m, ""), backbones, notes[m]) for m in metric_names()},
         "devices": devices,
         "timings": dict(timings) if timings else None,
         "columns": {RUNS_CSV: runs_columns(), IMAGES_CSV: images_columns(), REFERENCES_CSV: references_columns()},

@@ -5,8 +5,9 @@
   CLIPTextModel over the world's vocabulary, and SD 1.x's noise schedule. The harness's trainer, sampler and
   pipelines run on it unchanged (`model.id: toyworld`).
 - The evaluation backbones (`eval.backbones: toyworld`): an OpenCLIP-architecture dual encoder trained
-  contrastively on (image, caption) pairs (the CLIP role), and a timm ViT trained to recognise the same object
-  across re-renders in other settings, places and sizes (the DINO role: object identity, not captions).
+  contrastively on (image, caption) pairs (the CLIP role), a timm ViT trained to recognise the same object
+  across re-renders in other settings, places and sizes (the DINO role: object identity, not captions), and a
+  perceptual distance of LPIPS's form over the toy VAE encoder's feature maps (the LPIPS role; see `toy_lpips`).
 
 The weights live in `weights/` beside this file with `manifest.json`: the sha256 of every file, the training
 configuration and the command that made them. Loading verifies the checksums first.
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
     from harness.embedders import ClipEmbedder, DinoEmbedder
     from harness.models import Components
+    from harness.perceptual import LpipsNetwork
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "manifest.json"
@@ -319,6 +321,40 @@ def toy_dino(device: str | torch.device = "cpu", batch_size: int = 32, folder: P
     )
 
 
-TOY_BACKBONES = BackboneSet({"clip": toy_clip, "dino": toy_dino},
-                            scope_note=SCOPE_NOTE,
-                            description="the toy world's CLIP and DINO-role encoder")
+LPIPS_MIN_SIDE = 8  # the encoder halves the image twice
+LPIPS_SOURCE = ("toy world: the encoder of the toy VAE (pretrained by harness.toyworld.pretrain); uniform layer "
+                "weights")
+
+
+def toy_lpips(device: str | torch.device = "cpu", batch_size: int = 32, net: str = "alex",
+              folder: Path = WEIGHTS_DIR) -> LpipsNetwork:
+    """The toy world's perceptual distance: LPIPS's form over the feature maps of the toy VAE's encoder.
+
+    The maps are those after the encoder's input convolution, each of its down blocks and its middle block (64, 32
+    and 16 px for a 64 px image). The encoder was trained to reconstruct renders of the open world, so it sees
+    every colour, pattern, place and size. The toy world has no human similarity judgments to learn LPIPS's linear
+    layers from, so every channel weighs the same: the LPIPS paper's baseline without learned weights. It is the
+    toy world's only LPIPS network, so `net` must stay at its default ("alex", which names the real network).
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    from harness.perceptual import UNIT_RANGE, LpipsNetwork
+
+    if net != "alex":
+        raise ValueError(f"the toy world has one LPIPS network (the toy VAE encoder's features); it cannot use "
+                         f"{net!r}. Remove eval.lpips_net from the protocol.")
+    revision = verify_weights(folder)
+    encoder = AutoencoderKL.from_pretrained(folder / PIPELINE_SUBDIR / "vae", torch_dtype=torch.float32).encoder
+    stages = torch.nn.ModuleList([encoder.conv_in, *encoder.down_blocks, encoder.mid_block])
+    return LpipsNetwork(
+        stages, None, tag=f"toyworld:lpips-vae@{revision}", source=LPIPS_SOURCE, normalisation=UNIT_RANGE,
+        model_id=f"toy VAE encoder feature maps ({len(stages)} depths), uniform channel weights",
+        layer_weights="uniform: each depth's squared differences summed over channels (no learned weights)",
+        min_side=LPIPS_MIN_SIDE, device=device, batch_size=batch_size,
+    )
+
+
+TOY_BACKBONES = BackboneSet({"clip": toy_clip, "dino": toy_dino, "lpips": toy_lpips},
+                            scope_note=SCOPE_NOTE, lpips_nets=("alex",), lpips_min_side={"alex": LPIPS_MIN_SIDE},
+                            description="the toy world's CLIP, DINO-role encoder and VAE-feature LPIPS")
