@@ -55,7 +55,7 @@ from harness.sampling import (
     samples_key,
 )
 from harness.store import RunFolder, RunStore
-from harness.trainer import TrainingOutOfMemoryError, train
+from harness.trainer import TrainingOutOfMemoryError, make_method, train
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,10 @@ def prepare(plan: Plan, shared: Shared, runs: list[RunSpec]) -> None:
     with shared.timings.phase("load backbones"):
         embedders = make_embedders(protocol.eval.backbones, shared.device, roles=roles_for(protocol.eval.metrics))
         shared.scorer = Scorer(embedders, EmbeddingCache(shared.cache_dir), protocol.eval)
-    for subject, resolution in sorted({(r.subject, r.train.resolution) for r in runs}, key=lambda x: x[0].name):
+    # The references use the protocol's subject: a method with its own token (Custom Diffusion) changes the runs'
+    # prompts, not the base model's, so every subject keeps one base-model row.
+    for subject, resolution in sorted({(protocol.subject(r.subject.name), r.train.resolution) for r in runs},
+                                      key=lambda x: x[0].name):
         score_real_images(shared, subject)
         score_base_model(shared, subject, resolution)
 
@@ -251,6 +254,7 @@ def training_data(shared: Shared, run: RunSpec, components: Components):
         components, shared.instances[(run.subject.name, run.train.resolution)], run.subject.instance_text,
         run.train.resolution, shared.cache_dir, shared.device,
         class_paths=class_paths, class_prompt=run.subject.class_text if pool is not None else None,
+        encoded_in_step={kind for kind in ("instance", "class") if make_method(run).encodes_in_step(kind)},
     )
 
 
@@ -301,7 +305,7 @@ def record_paths(shared: Shared, runs: list[RunSpec]) -> tuple[list[Path], list[
         folder = shared.store.folder(run)
         folders.append(folder.path)
         scores += [p for s in run.snapshot_steps if (p := snapshot_record_path(shared, folder, s)).is_file()]
-    for subject, resolution in {(r.subject, r.train.resolution) for r in runs}:
+    for subject, resolution in {(shared.protocol.subject(r.subject.name), r.train.resolution) for r in runs}:
         scores += [p for p in (real_record_path(shared, subject),
                                base_samples_dir(shared, subject, resolution) / record_name(shared.protocol.eval))
                    if p.is_file()]
