@@ -8,8 +8,9 @@ It never ranks two configurations whose intervals overlap without saying so.
 
     tables.py    the CSVs read back (`load_results`), intervals (`Estimate`), labels, row selections
     verdict.py   the sentences: fidelity at acceptable drift, prior effect, overfitting, best per metric
-    figures.py   matplotlib plots: metrics against steps, fidelity-drift frontier, diversity
-    grids.py     PIL image grids (`compose_grid`, `image_grid`)
+    methods.py   the method comparison of a study that varies `method`: frontier, best per method, cost, grids
+    figures.py   matplotlib plots: metrics against steps, fidelity-drift frontier (per method too), diversity
+    grids.py     PIL image grids (`compose_grid`, `image_grid`, `run_grid`)
     markdown.py  the report itself (`render_report`, `write_report`)
 
 Plots use matplotlib's object API on the Agg canvas (no pyplot, no global backend change); grids use PIL.
