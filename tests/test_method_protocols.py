@@ -14,6 +14,7 @@ from harness.class_images import ClassImageError, PoolSpec, ensure_pool, plan_po
 from harness.config import ClassImageSpec, ModelSpec, ProtocolError, load_protocol
 from harness.data import prepare_image
 from harness.grid import expand
+from harness.metrics import clip_t_texts
 from harness.plan import format_plan, make_plan
 from harness.sampling import eval_requests
 from tests.conftest import MINIMAL, REPO, write_images
@@ -89,6 +90,10 @@ def test_custom_diffusion_names_the_subject_with_its_modifier_token(write_protoc
     assert runs["lora"].subject.identifier == "sks" and runs["dreambooth"].subject.instance_text == "a sks dog"
     prompts = [r.prompt for r in eval_requests(cd.subject, protocol.eval) if r.prompt_kind == "subject"]
     assert prompts and all("<v1>" in p and "sks" not in p for p in prompts)
+    # CLIP-T scores each image against its prompt without the run's token: the same text for every method.
+    kinds = ["subject"] * len(prompts)
+    sks_prompts = [r.prompt for r in eval_requests(runs["lora"].subject, protocol.eval) if r.prompt_kind == "subject"]
+    assert clip_t_texts(prompts, kinds, cd.subject.identifier) == clip_t_texts(sks_prompts, kinds, "sks")
     assert "custom_diffusion runs name subject 'dog' with '<v1>' instead of 'sks'" in format_plan(make_plan(protocol))
 
 

@@ -294,7 +294,7 @@ def _load_export(method: str, export: Path, base: Path) -> StableDiffusionPipeli
         pipe.load_textual_inversion(str(export), weight_name=EMBEDDING_FILE)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dtype=torch.float32)
+    return pipe
 
 
 @pytest.mark.slow
