@@ -36,11 +36,11 @@ from harness.config.sections import (
     apply_method_defaults,
     build_methods,
     build_section,
-    method_train,
     setting_places,
     settings_fields,
     split_train,
     study_methods,
+    train_of_method,
 )
 from harness.config.yaml_lines import Collector, read_yaml
 from harness.methods import METHODS, setting_owners
@@ -304,7 +304,7 @@ def _check_combinations(protocol: Protocol, errs: Collector, setting_at: dict[tu
         errs.add(("train", "lr_warmup_steps"), f"warm-up of {max(warmups)} steps is not shorter than the shortest "
                                                f"run ({min(steps)} steps); lower lr_warmup_steps.")
     for name, settings in protocol.methods:
-        train = method_train(protocol.train, name, protocol.method_train_values(name))
+        train = train_of_method(protocol.train, name, protocol.method_train_values(name))
         for key, message in METHODS.get(name).check(settings, train):
             errs.add(setting_at.get((name, key), (name, key)), message)
     for at, message in backend_of(protocol.model).check_protocol(protocol):

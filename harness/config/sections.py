@@ -162,7 +162,7 @@ def apply_method_defaults(train: TrainSpec, given: set[str]) -> TrainSpec:
     return replace(train, **{k: v for k, v in preferred.items() if k not in given})
 
 
-def method_train(train: TrainSpec, method: str, values: dict[str, Any]) -> TrainSpec:
+def train_of_method(train: TrainSpec, method: str, values: dict[str, Any]) -> TrainSpec:
     """`train` with the values of the method's own section."""
     return replace(train, method=method, **values)
 

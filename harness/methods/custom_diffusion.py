@@ -43,9 +43,9 @@ from harness.methods.dreambooth import (
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
     frozen_dtype,
+    keep_frozen_in,
     staged_folder,
 )
-from harness.methods.lora import keep_frozen_in
 
 if TYPE_CHECKING:
     import torch

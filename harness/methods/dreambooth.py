@@ -132,6 +132,17 @@ def frozen_dtype(train: TrainSpec, device: torch.device) -> torch.dtype:
     return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[train.mixed_precision]
 
 
+def keep_frozen_in(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The module's frozen weights in `dtype` (the autocast dtype: what the forward pass uses anyway), the trained
+    ones in float32. Only the dtype of frozen weights changes, never their values beyond that rounding."""
+    import torch
+
+    for param in module.parameters():
+        wanted = torch.float32 if param.requires_grad else dtype
+        if param.dtype != wanted:
+            param.data = param.data.to(wanted)
+
+
 @contextlib.contextmanager
 def staged_folder(target: Path) -> Iterator[Path]:
     """A fresh staging folder beside `target` to write into; on success it replaces `target` at once, so a reader

@@ -27,6 +27,7 @@ from harness.methods.dreambooth import (
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
     frozen_dtype,
+    keep_frozen_in,
     staged_folder,
 )
 
@@ -169,17 +170,6 @@ class LoRA(Method):
 
     def memory_settings(self) -> list[tuple[bool, str]]:
         return [(self.settings.train_text_encoder, "lora.train_text_encoder: false")]
-
-
-def keep_frozen_in(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """The module's frozen weights in `dtype` (the autocast dtype: what the forward pass uses anyway), the trained
-    ones in float32. Only the dtype of frozen weights changes, never their values beyond that rounding."""
-    import torch
-
-    for param in module.parameters():
-        wanted = torch.float32 if param.requires_grad else dtype
-        if param.dtype != wanted:
-            param.data = param.data.to(wanted)
 
 
 def _check_targets(module: torch.nn.Module, targets: tuple[str, ...]) -> None:
