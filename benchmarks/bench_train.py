@@ -1,17 +1,21 @@
-"""Speed and memory of class-image generation and DreamBooth training on SD 1.5-sized models, offline.
+"""Speed and memory of class-image generation and of training every method on SD 1.5-sized models, offline.
 
 The models are full-size Stable Diffusion 1.5 architectures (UNet ~860M parameters, the SD VAE, a CLIP ViT-L/14
 text encoder) built from configs with random weights: nothing is downloaded. That is honest for time and memory
-only, never for image quality. Training goes through harness.trainer's own session (start_session / advance) and
-generation through harness.class_images.generate_images, so the numbers are the harness's.
+only, never for image quality. Training goes through harness.trainer's own session (start_session / advance) with
+each method's own preparation (harness/methods), and generation through harness.class_images.generate_images, so
+the numbers are the harness's.
 
 Each measurement runs in its own process so that one's memory never inflates another's. Prints one table:
 class images per second (50 PNDM steps, guidance 7.5, 512 px) for the batch the harness picks and a few others,
-then training seconds per step after warm-up and peak GPU memory (torch.cuda.max_memory_allocated, and the process
-total that nvidia-smi reports, sampled in a thread during the timed steps) for each memory mode at 512 px,
-batch 1 + 1 class image, bf16 autocast, 8-bit AdamW, gradient checkpointing.
+then, for each method and memory mode, training seconds per step after warm-up, peak GPU memory
+(torch.cuda.max_memory_allocated, and the process total that nvidia-smi reports, sampled in a thread during the
+timed steps), the trainable parameters and the size on disk of the method's export (saved after the timed steps),
+at 512 px, batch 1 + 1 class image, bf16 autocast, 8-bit AdamW, gradient checkpointing, each method's default
+settings (LoRA rank 4 on the UNet; Custom Diffusion's cross-attention key/value and one token).
 
-    python benchmarks/bench_train.py --out reports/bench_train.md     # GPU, a few minutes on an H100
+    python benchmarks/bench_train.py --out reports/bench_train.md     # GPU; writes the table and a .json beside it
+    python benchmarks/bench_train.py --no-generation --methods lora,custom_diffusion --modes fast
     python benchmarks/bench_train.py --tiny                           # CPU check with the tiny model
 """
 
@@ -34,11 +38,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 GIB = 1024**3
-TARGETS = {  # H100, the settings above
-    "fast": {"seconds_per_step": 0.25, "nvidia_smi_gib": 11.7},
-    "low_memory": {"seconds_per_step": 0.50, "nvidia_smi_gib": 7.5},
-    "generation": {"images_per_second": 4.0},
+METHOD_NAMES = ("dreambooth", "lora", "custom_diffusion")
+MEMORY_MODES = ("fast", "low_memory")
+TARGETS = {  # H100, the settings above; (method, memory mode) -> target
+    ("dreambooth", "fast"): {"seconds_per_step": 0.25, "nvidia_smi_gib": 11.7},
+    ("dreambooth", "low_memory"): {"seconds_per_step": 0.50, "nvidia_smi_gib": 7.5},
+    ("lora", "fast"): {"seconds_per_step": 0.15, "nvidia_smi_gib": 5.0},
+    ("custom_diffusion", "fast"): {"seconds_per_step": 0.15, "nvidia_smi_gib": 6.0},
 }
+GENERATION_TARGET = {"images_per_second": 4.0}
 SMI_QUERY = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
 SPEEDUP_FLAGS = ("channels_last", "compile", "cudnn_benchmark")
 
@@ -211,20 +219,25 @@ def measure_training(opts: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
 
     from harness.config import TrainSpec
+    from harness.methods import METHODS
     from harness.trainer import Speedups, advance, default_speedups, start_session
 
     device = torch.device(opts["device"])
     components = build_components(opts["tiny"], opts["device"], torch.float32)
-    spec = TrainSpec(steps=10_000, resolution=opts["resolution"], batch_size=1, prior_loss_weight=1.0,
-                     mixed_precision="bf16" if device.type == "cuda" else "no", optimizer="adamw8bit",
-                     gradient_checkpointing=opts["gradient_checkpointing"], memory_mode=opts["mode"],
-                     learning_rate=5e-6)
+    spec = TrainSpec(method=opts["method"], steps=10_000, resolution=opts["resolution"], batch_size=1,
+                     prior_loss_weight=1.0, mixed_precision="bf16" if device.type == "cuda" else "no",
+                     optimizer="adamw8bit", gradient_checkpointing=opts["gradient_checkpointing"],
+                     memory_mode=opts["mode"], learning_rate=5e-6)
+    method_cls = METHODS.get(opts["method"])
+    settings, subject = method_cls.bind_subject(method_cls.settings_type(), _bench_subject())
+    method = method_cls(settings, spec)
     speedups = _speedups(opts["speedups"], default_speedups(device), Speedups)
-    data = synthetic_training_data(components, opts["resolution"])
+    data = synthetic_training_data(components, opts["resolution"], subject.instance_text,
+                                   encoded=method.encodes_in_step("instance"))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    session = start_session(spec, components, data, device, speedups)
+    session = start_session(method, components, data, device, speedups)
     for _ in range(opts["warmup_steps"]):
         advance(session)
     sampler = MemorySampler(device.index or 0) if device.type == "cuda" else None
@@ -238,16 +251,33 @@ def measure_training(opts: dict[str, Any]) -> list[dict[str, Any]]:
     seconds = (time.perf_counter() - began) / opts["timed_steps"]
     if sampler:
         sampler.stop()
+    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     return [{
-        "kind": "training", "mode": opts["mode"], "speedups": asdict(speedups), "seconds_per_step": seconds,
-        "gradient_checkpointing": spec.gradient_checkpointing,
+        "kind": "training", "method": opts["method"], "mode": opts["mode"], "speedups": asdict(speedups),
+        "seconds_per_step": seconds, "gradient_checkpointing": spec.gradient_checkpointing,
         "optimizer": session.optimizer_label, "resolution": opts["resolution"],
-        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
+        "trainable_params": session.trainable_params, "export_bytes": _export_bytes(session),
+        "peak_allocated_gib": peak,
         "nvidia_smi_gib": sampler.peak_smi_mib / 1024 if sampler and sampler.peak_smi_mib else None,
         "nvidia_smi_source": sampler.smi_source if sampler else "unavailable",
         "device_used_gib": sampler.peak_device_used / GIB if sampler and sampler.peak_device_used else None,
         "warmup_steps": opts["warmup_steps"], "timed_steps": opts["timed_steps"],
     }]
+
+
+def _bench_subject():
+    from harness.config import SubjectSpec
+
+    return SubjectSpec(name="dog", instance_dir=Path("."), class_noun="dog")
+
+
+def _export_bytes(session) -> int:
+    """The method's export written as a real run writes it (after training ends), measured on disk."""
+    from harness.trainer.loop import disk_bytes, finish_session
+
+    finish_session(session)
+    with tempfile.TemporaryDirectory() as folder:
+        return disk_bytes(session.method.export(session.components, Path(folder)))
 
 
 def _flags(name: str) -> set[str]:
@@ -274,8 +304,9 @@ def _speedups(name: str, default, speedups_cls):
                         cudnn_benchmark="cudnn_benchmark" in flags)
 
 
-def synthetic_training_data(components, resolution: int):
-    """Cached-latent and embedding stand-ins of the right shapes (what caches.py would hold)."""
+def synthetic_training_data(components, resolution: int, instance_prompt: str = "a sks dog", encoded: bool = False):
+    """Cached-latent and embedding stand-ins of the right shapes (what caches.py would hold); no instance embedding
+    when the method encodes the instance prompt in each step."""
     import torch
 
     from harness.caches import LatentBank, TrainingData
@@ -288,9 +319,11 @@ def synthetic_training_data(components, resolution: int):
         return LatentBank(mean=torch.randn(n, 4, side, side, generator=g),
                           std=0.05 * torch.rand(n, 4, side, side, generator=g))
 
-    return TrainingData(instance_latents=bank(4), instance_embedding=torch.randn(1, 77, hidden, generator=g),
-                        instance_prompt="a sks dog", class_latents=bank(8),
-                        class_embedding=torch.randn(1, 77, hidden, generator=g), class_prompt="a dog")
+    tokens = components.tokenizer.model_max_length
+    instance = None if encoded else torch.randn(1, tokens, hidden, generator=g)
+    return TrainingData(instance_latents=bank(4), instance_embedding=instance, instance_prompt=instance_prompt,
+                        class_latents=bank(8), class_embedding=torch.randn(1, tokens, hidden, generator=g),
+                        class_prompt="a dog")
 
 
 def _synchronize(device) -> None:
@@ -314,9 +347,9 @@ def run_in_subprocess(opts: dict[str, Any]) -> list[dict[str, Any]]:
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_RECORDS ")]
     if done.returncode != 0 or not lines:
-        what = opts["measure"] + (f" {opts.get('mode')}" if opts["measure"] == "training" else "")
-        return [{"kind": opts["measure"], "mode": opts.get("mode"), "error": f"{what} failed "
-                 f"(exit {done.returncode}); see its output above"}]
+        what = opts["measure"] + (f" {opts.get('method')} {opts.get('mode')}" if opts["measure"] == "training" else "")
+        return [{"kind": opts["measure"], "method": opts.get("method"), "mode": opts.get("mode"),
+                 "error": f"{what} failed (exit {done.returncode}); see its output above"}]
     return json.loads(lines[-1][len("BENCH_RECORDS "):])
 
 
@@ -332,34 +365,45 @@ def _verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("yes" if ok else "NO")
 
 
+def _size(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
 def table_rows(records: list[dict[str, Any]], tiny: bool) -> list[list[str]]:
     rows = []
     for r in records:
         if "error" in r:
-            rows.append([r["kind"], r.get("mode") or "", "", "", "", "", "", r["error"]])
+            what = " ".join(str(x) for x in (r["kind"], r.get("method"), r.get("mode")) if x)
+            rows.append([what, "", "", "", "", "", "", "", "", r["error"]])
         elif r["kind"] == "generation":
-            target = TARGETS["generation"]["images_per_second"]
+            target = GENERATION_TARGET["images_per_second"]
             ok = None if tiny or not r["harness_pick"] else r["images_per_second"] >= target
             setting = f"batch {r['batch']}" + (" (harness)" if r["harness_pick"] else "")
             setting += "" if r["speedups"] == "none" else f", {r['speedups']}"
-            rows.append(["class images", setting,
-                         f"{r['images_per_second']:.2f} img/s", "", "", "", f">= {target} img/s" if
-                         r["harness_pick"] else "", _verdict(ok)])
+            rows.append(["class images", setting, f"{r['images_per_second']:.2f} img/s", "", "", "", "", "",
+                         f">= {target} img/s" if r["harness_pick"] else "", _verdict(ok)])
         else:
-            target = TARGETS[r["mode"]]
+            target = TARGETS.get((r["method"], r["mode"]))
             memory = r["nvidia_smi_gib"] if r["nvidia_smi_gib"] is not None else r["device_used_gib"]
-            ok = None if tiny or memory is None else (r["seconds_per_step"] <= target["seconds_per_step"]
-                                                       and memory <= target["nvidia_smi_gib"])
+            ok = None if tiny or memory is None or target is None else (
+                r["seconds_per_step"] <= target["seconds_per_step"] and memory <= target["nvidia_smi_gib"])
             flags = "+".join(k for k, v in r["speedups"].items() if v) or "none"
             flags += "" if r["gradient_checkpointing"] else ", no grad. checkpointing"
-            rows.append([f"train {r['mode']}", flags, f"{r['seconds_per_step']:.3f} s/step",
+            rows.append([f"train {r['method']} {r['mode']}", flags, f"{r['seconds_per_step']:.3f} s/step",
                          _fmt(r["peak_allocated_gib"]), _fmt(r["nvidia_smi_gib"]), _fmt(r["device_used_gib"]),
-                         f"<= {target['seconds_per_step']} s, <= {target['nvidia_smi_gib']} GiB", _verdict(ok)])
+                         f"{r['trainable_params'] / 1e6:.3g} M", _size(r.get("export_bytes")),
+                         f"<= {target['seconds_per_step']} s, <= {target['nvidia_smi_gib']} GiB" if target else "",
+                         _verdict(ok)])
     return rows
 
 
-HEADER = ["measure", "setting", "speed", "peak alloc GiB", "nvidia-smi GiB", "device used GiB", "target (H100)",
-          "met"]
+HEADER = ["measure", "setting", "speed", "peak alloc GiB", "nvidia-smi GiB", "device used GiB", "trainable",
+          "export", "target (H100)", "met"]
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -399,6 +443,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny random model at 32 px, 2 steps (a CPU check)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and images (a rough number, fast)")
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES),
+                        help="fine-tuning methods to train, comma-separated")
     parser.add_argument("--modes", default="fast,low_memory", help="memory modes to train, comma-separated")
     parser.add_argument("--speedups", default="default",
                         help="training speedup variants, comma-separated: default, none, or flags joined by '+' "
@@ -436,12 +482,17 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         _check_variant("--generation-speedups", variant)
         extra = [] if args.tiny or i > 0 else batches
         jobs.append({**base, **steps, "measure": "generation", "generation_batches": extra, "speedups": variant})
+    methods, modes = args.methods.split(","), args.modes.split(",")
+    for name, allowed, option in ((methods, METHOD_NAMES, "--methods"), (modes, MEMORY_MODES, "--modes")):
+        unknown = sorted(set(name) - set(allowed))
+        if unknown:
+            raise SystemExit(f"{option}: unknown {unknown}; choose from {', '.join(allowed)}.")
     for variant in args.speedups.split(","):
         _check_variant("--speedups", variant)
-        for mode in args.modes.split(","):
-            if mode not in TARGETS or mode == "generation":
-                raise SystemExit(f"--modes: unknown memory mode {mode!r}; choose from fast, low_memory.")
-            jobs.append({**base, **steps, "measure": "training", "mode": mode, "speedups": variant})
+        for method in methods:
+            for mode in modes:
+                jobs.append({**base, **steps, "measure": "training", "method": method, "mode": mode,
+                             "speedups": variant})
     return jobs
 
 
@@ -460,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     records = []
     for job in plan(args):
-        print(f"--- {job['measure']} {job.get('mode', '')} {job.get('speedups', '')}", file=sys.stderr, flush=True)
+        print(f"--- {job['measure']} {job.get('method', '')} {job.get('mode', '')} {job.get('speedups', '')}",
+              file=sys.stderr, flush=True)
         records += run_in_subprocess(job)
     rows = table_rows(records, args.tiny)
     env = environment()

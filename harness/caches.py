@@ -17,8 +17,8 @@ Nothing here trains, generates class images or prepares (crops) instance images 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +56,11 @@ class LatentBank:
 
 @dataclass(frozen=True)
 class TrainingData:
-    """What one run trains on. Without prior preservation the class fields are None and never read."""
+    """What one run trains on. Without prior preservation the class fields are None and never read; a prompt the
+    method encodes in every step has no cached embedding (None)."""
 
     instance_latents: LatentBank
-    instance_embedding: torch.Tensor  # (1, tokens, hidden), float32, CPU
+    instance_embedding: torch.Tensor | None  # (1, tokens, hidden), float32, CPU; None when encoded in each step
     instance_prompt: str
     class_latents: LatentBank | None = None
     class_embedding: torch.Tensor | None = None
@@ -188,11 +189,14 @@ def build_training_data(
     device: torch.device | str,
     class_paths: Sequence[Path] | None = None,
     class_prompt: str | None = None,
+    encoded_in_step: Collection[str] = (),
 ) -> TrainingData:
     """Cached latents and embeddings of a run's instance images and, with prior preservation, its class images.
 
     `class_paths` are the first n images of the run's pool; leave them None without prior preservation, then no
-    class image is read.
+    class image is read. `encoded_in_step` names the prompt kinds ("instance", "class") the method runs through the
+    text encoder in every step: their embedding is neither computed nor read here (it would be stale, e.g. once a
+    token's embedding trains), and the field stays None.
     """
     if not instance_paths:
         raise ValueError("no instance images were given; a run needs at least one prepared instance image.")
@@ -200,18 +204,20 @@ def build_training_data(
         raise ValueError("class_paths and class_prompt go together: give both (prior preservation) or neither.")
     if class_paths is not None and not class_paths:
         raise ValueError("class_paths is empty; with prior preservation a run needs at least one class image.")
+
+    def embedding(kind: str, prompt: str) -> torch.Tensor | None:
+        return None if kind in encoded_in_step else text_embedding(components, prompt, cache_dir, device)
+
     data = TrainingData(
         instance_latents=latent_bank(components, instance_paths, resolution, cache_dir, device),
-        instance_embedding=text_embedding(components, instance_prompt, cache_dir, device),
+        instance_embedding=embedding("instance", instance_prompt),
         instance_prompt=instance_prompt,
     )
     if class_paths is None:
         return data
-    return TrainingData(
-        instance_latents=data.instance_latents,
-        instance_embedding=data.instance_embedding,
-        instance_prompt=instance_prompt,
+    return replace(
+        data,
         class_latents=latent_bank(components, class_paths, resolution, cache_dir, device),
-        class_embedding=text_embedding(components, class_prompt, cache_dir, device),
+        class_embedding=embedding("class", class_prompt),
         class_prompt=class_prompt,
     )

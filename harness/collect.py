@@ -17,6 +17,7 @@ from pathlib import Path
 
 from harness.grid import RunSpec
 from harness.plan import Plan
+from harness.prepare import reference_keys
 from harness.records import ERROR_FILE, SPEC_FILE, RecordError, read_error, read_object, usable_scores, usable_train
 from harness.store import discard
 from harness.study import Study, shared_lock
@@ -55,7 +56,7 @@ def record_paths(study: Study, runs: Sequence[RunSpec]) -> tuple[list[Path], lis
             folders.append(usable_run_folder(folder.path))
         scores += [p for s in run.snapshot_steps
                    if usable_scores(p := study.snapshot_record_path(folder, s)) is not None]
-    for subject, resolution in {(r.subject, r.train.resolution) for r in runs}:
+    for subject, resolution in reference_keys(study, runs):
         scores += [p for p in (study.real_record_path(subject), study.base_record_path(subject, resolution))
                    if usable_scores(p) is not None]
     return folders, scores

@@ -181,16 +181,9 @@ def check_instances(subject: SubjectSpec, resolution: int) -> list[str]:
     if not folder.is_dir():
         raise InstanceDataError(f"subject {subject.name!r}: the instance folder {folder} does not exist; point "
                                 "instance_dir at a folder of 3-6 photos of the subject.")
-    problems: list[tuple[Path, str]] = []
-    warnings: list[str] = []
-    usable = 0
-    for path in list_instance_files(folder):
-        problem, notes = _check_file(path, resolution)
-        if problem:
-            problems.append((path, problem))
-        else:
-            usable += 1
-            warnings += notes
+    files = list_instance_files(folder)
+    problems, warnings = check_image_files(files, resolution)
+    usable = len(files) - len(problems)
     if problems or usable == 0:
         raise InstanceDataError(_problems_message(subject, folder, problems, usable), problems)
     ignored = _ignored_files(folder)
@@ -205,6 +198,20 @@ def check_instances(subject: SubjectSpec, resolution: int) -> list[str]:
                         "photos of the subject from different angles. All are used, each seen less often in a run "
                         "of the same length; keep the most varied 3-6 unless more is what you are testing.")
     return warnings
+
+
+def check_image_files(paths: list[Path], resolution: int) -> tuple[list[tuple[Path, str]], list[str]]:
+    """Decodes every file: ((path, problem) for each unusable one, notes about the usable ones). Any folder of
+    training images (instance photos, class photos) is checked this way."""
+    problems: list[tuple[Path, str]] = []
+    notes: list[str] = []
+    for path in paths:
+        problem, file_notes = _check_file(path, resolution)
+        if problem:
+            problems.append((path, problem))
+        else:
+            notes += file_notes
+    return problems, notes
 
 
 def _check_file(path: Path, resolution: int) -> tuple[str | None, list[str]]:
@@ -315,12 +322,17 @@ def _cached_names(out: Path, digests: list[str], resolution: int) -> list[str] |
     return names
 
 
+def prepare_image(path: Path, resolution: int) -> Image.Image:
+    """A training image as it is used: its largest centred square at resolution x resolution, 8-bit RGB."""
+    return center_crop_resize(_decode(path, resolution).image, resolution)
+
+
 def _prepare_into(out: Path, files: list[Path], resolution: int) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     names = []
     for index, path in enumerate(files):
         name = f"{index:02d}.png"
-        image = center_crop_resize(_decode(path, resolution).image, resolution)
+        image = prepare_image(path, resolution)
         with atomic_path(out / name) as tmp:
             image.save(tmp, format="PNG")
         names.append(name)

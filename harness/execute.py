@@ -128,11 +128,13 @@ def training_data(study: Study, run: RunSpec, components: Components):
     if pool is not None:
         class_paths = grow_pool(study, pool, run.train.num_class_images)
     from harness.caches import build_training_data
+    from harness.trainer import make_method
 
     return build_training_data(
         components, study.instance_paths(run.subject, run.train.resolution), run.subject.instance_text,
         run.train.resolution, study.cache_dir, study.device,
         class_paths=class_paths, class_prompt=run.subject.class_text if pool is not None else None,
+        encoded_in_step={kind for kind in ("instance", "class") if make_method(run).encodes_in_step(kind)},
     )
 
 

@@ -12,8 +12,9 @@ The run key is the sha256 of the run's identity: every field that changes the tr
 (not output folders, not the subject's display name, not evaluation settings). A field added after identity
 version 1 joins the identity only away from its default, so adding a field never changes an existing key.
 Each point of the grid trains one method with its settings (`method` is an axis like any other; a method's
-settings vary as `rank: [...]` or `lora.rank: [...]`); a method's preferred training defaults (its learning rate)
-apply to the fields the protocol left unset.
+settings vary as `rank: [...]` or `lora.rank: [...]`); a method's own section may set training values for its runs,
+and its preferred training defaults (its learning rate) apply to the fields the protocol left unset. A method that
+brings its own token (Custom Diffusion's modifier token) names the subject with it in the run's prompts.
 Nothing here loads a model or decodes an image; the instance folder's bytes are hashed (data.folder_digest).
 """
 
@@ -57,10 +58,11 @@ class RunSpec:
     snapshot_steps: tuple[int, ...]
     instance_digest: str
     varied: tuple[tuple[str, Any], ...]  # the grid fields of this run (for tables), in grid order
+    class_digest: str | None = None  # content digest of the class-image folder (class_images source: folder)
 
     def identity(self) -> dict[str, Any]:
         return run_identity(self.subject, self.model, self.train, self.method, self.class_images,
-                            self.instance_digest)
+                            self.instance_digest, self.class_digest)
 
     def to_json(self) -> dict[str, Any]:
         """Everything about the run, for spec.json: its identity plus what is only descriptive."""
@@ -86,8 +88,10 @@ def run_identity(
     method: Any,
     class_images: ClassImageSpec | None,
     instance_digest: str,
+    class_digest: str | None = None,
 ) -> dict[str, Any]:
-    """The fields that determine the trained weights, in canonical form."""
+    """The fields that determine the trained weights, in canonical form. `subject` is the run's (its identifier
+    is the method's token where the method brings one); `class_digest` is the content digest of a class folder."""
     left_out = {name for name in field_names(TrainSpec) if not in_identity(TrainSpec, name)}
     if train.snapshots_share_a_run:
         left_out.add("steps")  # the trajectory is the same whatever its length; steps are snapshots
@@ -106,18 +110,22 @@ def run_identity(
             "class_prompt": subject.class_text if train.uses_prior else None,
         },
         "train": training,
-        "class_images": _class_image_identity(class_images),
+        "class_images": _class_image_identity(class_images, class_digest),
     }
     if other:
         identity["method_settings"] = other
     return identity
 
 
-def _class_image_identity(spec: ClassImageSpec | None) -> dict[str, Any] | None:
+def _class_image_identity(spec: ClassImageSpec | None, class_digest: str | None) -> dict[str, Any] | None:
     if spec is None:
         return None
-    # The batch size does not change the images: every image is generated from its own seed.
-    return {k: v for k, v in asdict(spec).items() if k != "batch_size"}
+    if spec.from_folder:
+        # The folder's content, not its place; generation settings mean nothing for it.
+        return {"source": "folder", "digest": class_digest}
+    # The batch size does not change the images: every image is generated from its own seed. The source and its
+    # folder came later and are left out for generated pools, so existing keys stay.
+    return {k: v for k, v in asdict(spec).items() if k not in ("batch_size", "source", "dir")}
 
 
 def run_key(identity: dict[str, Any]) -> str:
@@ -147,13 +155,19 @@ def canonical_train(train: TrainSpec) -> TrainSpec:
 
 
 def point_settings(protocol: Protocol, values: dict[str, Any]) -> tuple[TrainSpec, Any]:
-    """The training settings and the method settings of one grid point."""
+    """The training settings and the method settings of one grid point.
+
+    A training value comes from, in order: the grid point, the method's own section, `train:`, the method's
+    preferred value (computed from the others), the TrainSpec default.
+    """
     method = values.get("method", protocol.train.method)
     train_fields = set(field_names(TrainSpec))
-    unset = {k: TrainSpec.__dataclass_fields__[k].default for k in protocol.train_unset if k not in values}
-    method_defaults = {k: v for k, v in METHODS.get(method).train_defaults.items() if k in unset}
-    train = replace(protocol.train, **{**unset, **method_defaults},
-                    **{k: v for k, v in values.items() if k in train_fields})
+    section = {k: v for k, v in protocol.method_train_values(method).items() if k not in values}
+    unset = {k: TrainSpec.__dataclass_fields__[k].default for k in protocol.train_unset
+             if k not in values and k not in section}
+    train = replace(protocol.train, **unset, **section, **{k: v for k, v in values.items() if k in train_fields})
+    preferred = METHODS.get(method).preferred_train(train)
+    train = replace(train, **{k: v for k, v in preferred.items() if k in unset})
     settings = protocol.method_settings(method)
     own = set(field_names(type(settings)))
     overrides = {}
@@ -164,8 +178,12 @@ def point_settings(protocol: Protocol, values: dict[str, Any]) -> tuple[TrainSpe
     return canonical_train(train), replace(settings, **overrides)
 
 
+
+
 def expand(protocol: Protocol, digests: dict[str, str] | None = None) -> list[RunSpec]:
-    """The protocol's runs: one per distinct identity, with the steps of the grid as its snapshots."""
+    """The protocol's runs: one per distinct identity, with the steps of the grid as its snapshots.
+
+    `digests` may pin instance-folder digests by subject name (and the class folder's under its path)."""
     digests = dict(digests or {})
     varied_keys = list(dict.fromkeys(column_name(k) for k, _ in protocol.grid))
     groups: dict[str, dict[str, Any]] = {}
@@ -173,11 +191,15 @@ def expand(protocol: Protocol, digests: dict[str, str] | None = None) -> list[Ru
         if subject.name not in digests:
             digests[subject.name] = folder_digest(subject.instance_dir)
         train, settings = point_settings(protocol, values)
+        settings, subject = METHODS.get(train.method).bind_subject(settings, subject)
         class_images = protocol.class_images if train.uses_prior else None
-        identity = run_identity(subject, protocol.model, train, settings, class_images, digests[subject.name])
+        class_digest = _class_digest(class_images, digests)
+        identity = run_identity(subject, protocol.model, train, settings, class_images, digests[subject.name],
+                                class_digest)
         key = run_key(identity)
         group = groups.setdefault(key, {"subject": subject, "train": train, "method": settings,
-                                        "class_images": class_images, "steps": set(), "digest": digests[subject.name]})
+                                        "class_images": class_images, "steps": set(), "digest": digests[subject.name],
+                                        "class_digest": class_digest})
         group["steps"].add(train.steps)
         if train.steps > group["train"].steps:
             group["train"] = train
@@ -188,9 +210,18 @@ def expand(protocol: Protocol, digests: dict[str, str] | None = None) -> list[Ru
         runs.append(RunSpec(
             run_key=key, subject=g["subject"], model=protocol.model, train=train, method=g["method"],
             class_images=g["class_images"], snapshot_steps=tuple(sorted(g["steps"])), instance_digest=g["digest"],
-            varied=varied,
+            varied=varied, class_digest=g["class_digest"],
         ))
     return runs
+
+
+def _class_digest(spec: ClassImageSpec | None, digests: dict[str, str]) -> str | None:
+    if spec is None or not spec.from_folder:
+        return None
+    where = str(spec.dir)
+    if where not in digests:
+        digests[where] = folder_digest(spec.dir)
+    return digests[where]
 
 
 def column_name(grid_key: str) -> str:

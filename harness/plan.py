@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from harness.backbones import BACKBONES
 from harness.backends import backend_of
-from harness.class_images import PoolSpec, plan_pools, pool_for
+from harness.class_images import PoolSpec, check_class_folder, plan_pools, pool_for
 from harness.config import Protocol
 from harness.data import check_instances, list_instance_files
-from harness.grid import RunSpec, WorkEstimate, estimate_work, expand
+from harness.grid import RunSpec, WorkEstimate, column_name, estimate_work, expand
 from harness.metrics import features_for
 from harness.prompts import class_prompts, subject_prompts
 
@@ -42,7 +42,10 @@ def make_plan(protocol: Protocol) -> Plan:
             warnings.append(f"subject {subject.name!r}: {message}")
     runs = expand(protocol)
     pools = plan_pools(runs)
-    work = estimate_work(protocol, runs, {p.key: n for p, n in pools.items()})
+    for pool, n in pools.items():
+        if pool.from_folder:
+            warnings += check_class_folder(pool.sampler, pool.resolution, n)
+    work = estimate_work(protocol, runs, {p.key: n for p, n in pools.items() if not p.from_folder})
     return Plan(protocol=protocol, runs=tuple(runs), pools=pools, work=work, warnings=tuple(warnings))
 
 
@@ -72,6 +75,26 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def _pool_source(pool: PoolSpec) -> str:
+    s = pool.sampler
+    if pool.from_folder:
+        return f"the photos in {s.dir} (file-name order), prepared at {pool.resolution} px"
+    return (f"{pool.prompt!r} at {pool.resolution} px, {s.sampler} {s.steps} steps, guidance {s.guidance_scale:g}, "
+            f"seed {s.seed}")
+
+
+def _token_notes(plan: Plan) -> list[str]:
+    """One line per method that names the subject with its own token, with the instance prompt it trains on."""
+    lines = {}
+    for run in plan.runs:
+        own = plan.protocol.subject(run.subject.name).identifier
+        if run.subject.identifier != own:
+            lines[(run.train.method, run.subject.name)] = (
+                f"{run.train.method} runs name subject {run.subject.name!r} with {run.subject.identifier!r} instead of "
+                f"{own!r}: instance prompt {run.subject.instance_text!r}")
+    return list(lines.values())
+
+
 def format_plan(plan: Plan) -> str:
     p = plan.protocol
     model = p.model.id + (f"@{p.model.revision}" if p.model.revision else "")
@@ -84,29 +107,29 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"subject {s.name!r}: {n} images in {s.instance_dir}; instance prompt {s.instance_text!r}, "
                      f"class prompt {s.class_text!r}; {len(subject_prompts(s, p.eval))} subject + "
                      f"{len(class_prompts(s, p.eval))} class eval prompts x {len(p.eval.seeds)} seeds")
-    varied = [k for k, _ in p.grid if k != "steps"]
-    lines += ["", f"Runs ({len(plan.runs)} training runs; steps are snapshots of one run where the schedule allows):"]
+    varied = list(dict.fromkeys(column_name(k) for k, _ in p.grid if k not in ("steps", "subject")))
+    lines += _token_notes(plan)
+    lines += ["", f"Runs ({len(plan.runs)} training runs; steps are snapshots of one run where the schedule allows; "
+                  "learning rate as resolved for each run):"]
     rows = []
     for run in plan.runs:
         values = dict(run.varied)
         cells = [run.run_key, run.subject.name]
         for k in varied:
-            if k == "subject":
-                continue
-            shown = values.get(k)
-            cells.append("-" if k == "num_class_images" and not run.train.uses_prior else _fmt(shown))
+            cells.append("-" if k == "num_class_images" and not run.train.uses_prior else _fmt(values.get(k)))
+        if "learning_rate" not in varied:
+            cells.append(_fmt(run.train.learning_rate))
         cells.append(", ".join(map(str, run.snapshot_steps)))
         rows.append(cells)
-    header = ["run_key", "subject"] + [k for k in varied if k != "subject"] + ["snapshot steps"]
+    header = ["run_key", "subject", *varied, *([] if "learning_rate" in varied else ["learning_rate"]),
+              "snapshot steps"]
     lines += ["  " + line for line in _table(header, rows)]
     lines += ["", "Shared by the runs:"]
     if plan.pools:
         for pool, n in plan.pools.items():
             users = sum(1 for r in plan.runs if pool_for(r) == pool)
-            s = pool.sampler
-            lines.append(f"  class-image pool {pool.key}: {pool.prompt!r} at {pool.resolution} px, {s.sampler} "
-                         f"{s.steps} steps, guidance {s.guidance_scale:g}, seed {s.seed}: {n} images "
-                         f"(runs use nested prefixes), {users} run(s)")
+            lines.append(f"  class-image pool {pool.key}: {_pool_source(pool)}: {n} images (runs use nested "
+                         f"prefixes), {users} run(s)")
     else:
         lines.append("  no class-image pool (prior_loss_weight is 0 everywhere)")
     instance_images = sum(len(list_instance_files(s.instance_dir)) for s in p.subjects)

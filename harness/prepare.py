@@ -38,7 +38,9 @@ def prepare(plan: Plan, study: Study, runs: Sequence[RunSpec]) -> None:
         for pool, n in plan.pools.items():
             if any(pool_for(r) == pool for r in runs):
                 grow_pool(study, pool, n)
-    for subject, resolution in sorted({(r.subject, r.train.resolution) for r in runs}, key=lambda x: x[0].name):
+    # The references use the protocol's subject: a method with its own token (Custom Diffusion) changes the runs'
+    # prompts, not the base model's, so every subject keeps one base-model row.
+    for subject, resolution in sorted(reference_keys(study, runs), key=lambda x: x[0].name):
         score_real_images(study, subject)
         score_base_model(study, subject, resolution)
     study.reporter.activity("prepared")
@@ -46,12 +48,17 @@ def prepare(plan: Plan, study: Study, runs: Sequence[RunSpec]) -> None:
 
 def references_ready(study: Study, runs: Sequence[RunSpec]) -> bool:
     """Whether every reference row of the runs is on disk and whole (then collect needs no preparation)."""
-    for subject, resolution in {(r.subject, r.train.resolution) for r in runs}:
+    for subject, resolution in reference_keys(study, runs):
         folder = study.base_samples_dir(subject, resolution)
         if (usable_scores(study.real_record_path(subject)) is None or usable_scores(folder / study.record_name) is None
                 or missing(folder, eval_requests(subject, study.protocol.eval))):
             return False
     return True
+
+
+def reference_keys(study: Study, runs: Sequence[RunSpec]) -> set[tuple[SubjectSpec, int]]:
+    """(subject as the protocol states it, resolution) of every reference row the runs are compared with."""
+    return {(study.protocol.subject(r.subject.name), r.train.resolution) for r in runs}
 
 
 def grow_pool(study: Study, pool: PoolSpec, n: int) -> list[Path]:

@@ -98,6 +98,10 @@ class TrainRecord:
     loss_history: list[dict[str, Any]] = field(default_factory=list)  # {"step", "instance", "prior", "lr"}
     pipeline_dir: str | None = None  # the export's folder, when the run is saved
     device: str = "cpu"  # the accelerator's name ("NVIDIA H100 80GB HBM3") or "cpu"
+    trainable_params: int | None = None  # elements the method trained (None: written before this was recorded)
+    # Bytes of the export: its size on disk when the run was saved (save: final), else what its tensors would take
+    # in fp16 (the export's format); None: written before this was recorded.
+    artifact_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -162,10 +162,12 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     # A UNet handed over by the trainer is already in place; the model's own UNet travels with the frozen parts.
+    # Modules are moved, never cast (autocast sets the precision): a cast there and back would round weights that
+    # are still training (a trained text encoder, a trained token embedding, adapters).
     modules = [components.vae, components.text_encoder] + ([components.unet] if unet is None else [])
     wanted = set(todo)
     starts = sorted({requests.index(r) // batch * batch for r in todo})
-    with placed(modules, device, dtype), autocast, torch.inference_mode():
+    with placed(modules, device), autocast, torch.inference_mode():
         images_bar = bar(total=len(todo), desc=progress)
         for start in starts:
             chunk = list(requests[start:start + batch])

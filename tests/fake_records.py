@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from harness.config import Protocol
+from harness.config import Protocol, SubjectSpec
 from harness.grid import RunSpec, expand
 from harness.metrics import METRICS, metric_names
 from harness.prompts import class_prompts, subject_prompts
@@ -41,6 +41,7 @@ TINY_BACKBONES = {"clip": {"backbone": "tiny-clip-0", "pretrained": "random (tin
 REAL_BACKBONES = {"clip": {"backbone": "open_clip:ViT-B-32/openai", "pretrained": "open_clip pretrained='openai'"},
                   "dino": {"backbone": "timm:vit_small_patch16_224.dino", "pretrained": "timm pretrained"}}
 Value = tuple[float, float, float]  # mean, ci_low, ci_high
+TRAINABLE = {"dreambooth": 859_520_964, "lora": 797_184, "custom_diffusion": 19_169_280}  # SD 1.5's, per method
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,10 @@ def _metric_entry(name: str, value: Value | None) -> dict[str, Any]:
             "higher_is_better": name != "pres", "backbone": backbone, "note": ""}
 
 
-def _images(protocol: Protocol, subject_name: str, folder: Path, colour: tuple[int, int, int],
+def _images(protocol: Protocol, subject: SubjectSpec, folder: Path, colour: tuple[int, int, int],
             score: float) -> list[dict[str, Any]]:
-    subject = protocol.subject(subject_name)
+    """The images of a snapshot or of the base model, with the prompts of `subject` (a run's names the subject
+    with its method's token)."""
     out = []
     for kind, prompts in (("subject", subject_prompts(subject, protocol.eval)),
                           ("class", class_prompts(subject, protocol.eval))):
@@ -111,10 +113,9 @@ def _images(protocol: Protocol, subject_name: str, folder: Path, colour: tuple[i
     return out
 
 
-def _scores(protocol: Protocol, kind: str, subject: str, run_key: str | None, step: int | None,
+def _scores(protocol: Protocol, kind: str, spec: SubjectSpec, run_key: str | None, step: int | None,
             values: dict[str, Value | None], images: list[dict[str, Any]], backbones: dict[str, Any]) -> dict:
-    spec = protocol.subject(subject)
-    header = scores_header(kind, protocol.name, subject, spec.class_noun, spec.identifier, run_key, step)
+    header = scores_header(kind, protocol.name, spec.name, spec.class_noun, spec.identifier, run_key, step)
     sampler = {"name": protocol.eval.sampler, "steps": protocol.eval.steps,
                "guidance_scale": protocol.eval.guidance_scale, "resolution": protocol.train.resolution}
     metrics = {m: _metric_entry(m, values.get(m)) for m in protocol.eval.metrics}  # as the evaluator: the requested
@@ -123,15 +124,16 @@ def _scores(protocol: Protocol, kind: str, subject: str, run_key: str | None, st
 
 def write_references(protocol: Protocol, subject: str, folder: Path, backbones: dict[str, Any],
                      base_values: dict[str, Value] | None = None) -> list[Path]:
+    spec = protocol.subject(subject)
     base = folder / subject / "base_model"
     write_scores(base / SCORES_NAME, _scores(
-        protocol, "base_model", subject, None, 0, base_values or BASE_VALUES,
-        _images(protocol, subject, base / "images", (90, 90, 90), 0.3), backbones))
+        protocol, "base_model", spec, None, 0, base_values or BASE_VALUES,
+        _images(protocol, spec, base / "images", (90, 90, 90), 0.3), backbones))
     real = folder / subject / "real_images"
-    instance_files = sorted(protocol.subject(subject).instance_dir.glob("*.jpg"))
+    instance_files = sorted(spec.instance_dir.glob("*.jpg"))
     images = [{"path": str(p), "prompt": "", "prompt_kind": "real", "seed": None, "scores": {"dino": 0.77}}
               for p in instance_files]
-    record = _scores(protocol, "real_images", subject, None, None, REAL_VALUES, images, backbones)
+    record = _scores(protocol, "real_images", spec, None, None, REAL_VALUES, images, backbones)
     record["seconds"] = {"scoring": 0.1}
     record["sampler"] = None
     write_scores(real / SCORES_NAME, record)
@@ -162,9 +164,9 @@ def fabricate_study(protocol: Protocol, root: Path, *, fail_run: int | None = No
             values.update((overrides or {}).get((index, step), {}))
             colour = (40 + 60 * index % 200, 80 + 30 * step % 150, 200 - 40 * index % 160)
             snapshot = snapshot_dir(folder, "0123456789ab", step)
-            images = _images(protocol, run.subject.name, snapshot, colour, values["dino"][0])
+            images = _images(protocol, run.subject, snapshot, colour, values["dino"][0])
             files.append(write_scores(snapshot / SCORES_NAME, _scores(
-                protocol, "snapshot", run.subject.name, run.run_key, step, values, images, backbones)))
+                protocol, "snapshot", run.subject, run.run_key, step, values, images, backbones)))
         if index == fail_run:
             write_error(folder, ErrorRecord(
                 run_key=run.run_key, error_type="OutOfMemoryError", phase="train",
@@ -178,7 +180,8 @@ def fabricate_study(protocol: Protocol, root: Path, *, fail_run: int | None = No
                 mixed_precision=run.train.mixed_precision, resumed_from_step=0,
                 loss_history=[{"step": s + 1, "instance": 0.1, "prior": 0.1, "lr": run.train.learning_rate}
                               for s in range(run.train.steps)],
-                device=device))
+                device=device, trainable_params=TRAINABLE.get(run.train.method, 1000),
+                artifact_bytes=2 * TRAINABLE.get(run.train.method, 1000)))
     references = root / "references"
     for subject in sorted({r.subject.name for r in runs}):
         files += write_references(protocol, subject, references, backbones, base_values)

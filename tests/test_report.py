@@ -244,3 +244,59 @@ def test_the_paper_comparison_needs_the_papers_backbones(tiny, real, tmp_path):
         dino = metric_value("dino", weight, count, step / 4)[0]  # every subject image of the fake scores this
         assert f"| {label} @ {step} (this study) | {dino:.3f} [{dino:.3f}, {dino:.3f}] | {dino + 0.2:.3f} " in section
     assert "w=1, n=4 @ 4" not in section  # the failed run has no step 4: not every subject was scored there
+
+
+METHODS_STUDY = """
+name: methods
+model: {id: tiny}
+subjects:
+  - {name: dog, instance_dir: "{subject_dir}", class_noun: dog}
+train: {resolution: 32}
+eval: {backbones: tiny, seeds: [0, 1], class_prompts: ["a {class}"], max_subject_prompts: 2, bootstrap_samples: 200}
+grid:
+  method: [dreambooth, lora, custom_diffusion]
+  prior_loss_weight: [0.0, 1.0]
+  steps: [2, 4]
+"""
+# Table order of the runs: custom_diffusion, dreambooth, lora (by name), each w=0 then w=1.
+ACCEPTABLE = {(1, 4): {"dino": (0.60, 0.57, 0.63), "pres": (0.41, 0.38, 0.44)},
+              (5, 4): {"dino": (0.62, 0.59, 0.65), "pres": (0.42, 0.39, 0.45)},
+              (3, 2): {"pres": (0.47, 0.44, 0.50)}}  # dreambooth drifts everywhere (its w=1 @ 4: PRES 0.445)
+
+
+def test_the_method_comparison_appears_only_when_the_study_varies_the_method(tiny, write_protocol, tmp_path):
+    text, _ = _report(tiny, tmp_path / "one")
+    assert "## Methods compared" not in text
+    protocol = load_protocol(write_protocol(METHODS_STUDY, "methods.yaml"))
+    text, folder = _report(protocol, tmp_path / "three", overrides=ACCEPTABLE)
+    section = text.split("## Methods compared: dog")[1].split("## Results: dog")[0]
+    table = [line for line in section.splitlines() if line.startswith("| ") and "@" in line]
+    assert [line.split(" | ")[0] for line in table] == ["| dreambooth", "| lora", "| custom_diffusion"]
+    assert "| lora | w=1 @ 4 | 4 | 0.620 [0.590, 0.650] |" in section
+    assert "| custom_diffusion | w=1 @ 4 | 4 | 0.600 [0.570, 0.630] |" in section
+    assert "| dreambooth | *w=1 @ 4* | 4 |" in section  # every snapshot drifts: its least drifting one, in italics
+    assert ("- Best subject fidelity at acceptable drift: **lora** (DINO 0.620 [0.590, 0.650]); "
+            f"{TIED} with custom_diffusion (0.600 [0.570, 0.630]): this data does not rank them.") in section
+    assert "- dreambooth: every snapshot drifts beyond the base model's PRES interval." in section
+    assert "| lora | 2 | 0.25 | 9.5 GiB | 1.59 MB * | 797 k |" in section
+    assert "| dreambooth | 2 | 0.25 | 9.5 GiB | 1.72 GB * | 860 M |" in section
+    for name in ("dog_methods_frontier.png", "dog_methods_grid_subject.png", "dog_methods_grid_class.png"):
+        assert f"figures/{name}" in section and (folder / "figures" / name).is_file()
+
+
+def test_prompts_line_up_across_methods_that_name_the_subject_differently(write_protocol, tmp_path):
+    from harness.report import load_results
+    from harness.report.tables import prompt_templates
+
+    protocol = load_protocol(write_protocol(METHODS_STUDY, "methods.yaml"))
+    study = fabricate_study(protocol, tmp_path)
+    results = write_results(protocol, study.runs, load_records(study.run_folders, study.score_files),
+                            tmp_path / "results")
+    tables = load_results(results)
+    images = tables.images[tables.images["prompt_kind"] == "subject"]
+    templates = prompt_templates(tables, images)
+    cd = tables.runs[tables.runs["method"] == "custom_diffusion"]["run_key"].iloc[0]
+    ours = set(templates[images["run_key"] == cd])
+    base = set(templates[images["source"] == "base_model"])
+    assert ours == base and all("{identifier}" in t for t in ours)
+    assert images[images["run_key"] == cd]["prompt"].str.contains("<new1>").all()

@@ -23,7 +23,15 @@ from harness.results import (
     train_columns,
     write_results,
 )
-from tests.fake_records import BASE_VALUES, SCORES_NAME, fabricate_study, metric_value, smoke_like, write_references
+from tests.fake_records import (
+    BASE_VALUES,
+    SCORES_NAME,
+    TRAINABLE,
+    fabricate_study,
+    metric_value,
+    smoke_like,
+    write_references,
+)
 
 
 @pytest.fixture
@@ -39,10 +47,11 @@ def _write(protocol, tmp_path: Path, **kwargs) -> tuple[Path, object]:
 
 # The headers of a study's CSVs: users' notebooks read these columns, so they change only on purpose.
 RUNS_HEADER = [
-    'protocol', 'subject', 'class_noun', 'run_key', 'method', 'step', 'run_steps', 'varied', 'learning_rate',
-    'lr_schedule', 'lr_warmup_steps', 'batch_size', 'resolution', 'seed', 'prior_loss_weight', 'num_class_images',
-    'mixed_precision', 'gradient_checkpointing', 'optimizer', 'adam_beta1', 'adam_beta2', 'adam_weight_decay',
-    'adam_epsilon', 'max_grad_norm', 'train_text_encoder', 'memory_mode', 'snr_gamma', 'offset_noise',
+    'protocol', 'subject', 'class_noun', 'identifier', 'run_key', 'method', 'step', 'run_steps', 'varied',
+    'learning_rate', 'lr_schedule', 'lr_warmup_steps', 'batch_size', 'resolution', 'seed', 'prior_loss_weight',
+    'num_class_images', 'mixed_precision', 'gradient_checkpointing', 'optimizer', 'adam_beta1', 'adam_beta2',
+    'adam_weight_decay', 'adam_epsilon', 'max_grad_norm', 'train_text_encoder', 'rank', 'alpha', 'target_modules',
+    'dropout', 'modifier_token', 'initializer_token', 'freeze_model', 'memory_mode', 'snr_gamma', 'offset_noise',
     'checkpoint_every', 'save', 'dino', 'dino_ci_low', 'dino_ci_high', 'dino_n', 'clip_i', 'clip_i_ci_low',
     'clip_i_ci_high', 'clip_i_n', 'clip_t', 'clip_t_ci_low', 'clip_t_ci_high', 'clip_t_n', 'pres', 'pres_ci_low',
     'pres_ci_high', 'pres_n', 'div_subject', 'div_subject_ci_low', 'div_subject_ci_high', 'div_subject_n',
@@ -51,9 +60,9 @@ RUNS_HEADER = [
     'div_lpips_class_n', 'clip_t_clipscore', 'clip_t_clipscore_ci_low', 'clip_t_clipscore_ci_high',
     'clip_t_clipscore_n', 'clip_t_x100', 'clip_t_x100_ci_low', 'clip_t_x100_ci_high', 'clip_t_x100_n', 'status',
     'error', 'error_phase', 'train_seconds', 'seconds_per_step', 'sampling_seconds', 'scoring_seconds',
-    'peak_memory_gib', 'device', 'optimizer_used', 'clip_backbone', 'dino_backbone', 'lpips_backbone',
-    'eval_sampler', 'eval_steps', 'eval_guidance_scale', 'eval_resolution', 'eval_seeds', 'model_id',
-    'model_revision', 'harness_version',
+    'peak_memory_gib', 'trainable_params', 'artifact_bytes', 'device', 'optimizer_used', 'clip_backbone',
+    'dino_backbone', 'lpips_backbone', 'eval_sampler', 'eval_steps', 'eval_guidance_scale', 'eval_resolution',
+    'eval_seeds', 'model_id', 'model_revision', 'harness_version',
 ]
 IMAGES_HEADER = [
     'source', 'protocol', 'subject', 'run_key', 'step', 'prompt', 'prompt_kind', 'seed', 'path', 'dino', 'clip_i',
@@ -99,6 +108,8 @@ def test_values_round_trip_through_read_csv(protocol, tmp_path):
         assert row["varied"] == "prior_loss_weight,num_class_images"
         assert row["status"] == "ok" and pd.isna(row["error"])
         assert row["peak_memory_gib"] == 9.5 and row["seconds_per_step"] == 0.25 and row["train_seconds"] == 4.0
+        assert row["trainable_params"] == TRAINABLE["dreambooth"] and row["identifier"] == "sks"
+        assert row["artifact_bytes"] == 2 * TRAINABLE["dreambooth"] and pd.isna(row["rank"])
         assert (row["sampling_seconds"], row["scoring_seconds"]) == (1.5, 0.25)
         assert row["clip_backbone"] == "tiny-clip-0 (random weights)"
         assert (row["model_id"], row["eval_seeds"], row["harness_version"]) == ("tiny", "0 1", __version__)
@@ -271,3 +282,22 @@ def test_relative_image_paths_resolve_beside_the_record_or_from_the_working_dire
     loaded = load_records([], [record_path]).scores[0]
     assert loaded.images[0].path.is_file() and loaded.images[1].path.is_file()
     assert loaded.images[1].path == (tmp_path / second["path"]).resolve()
+
+
+def test_every_method_fills_its_own_setting_columns_and_leaves_the_others_empty(write_protocol, tmp_path):
+    text = smoke_like().replace("grid:\n", "grid:\n  method: [dreambooth, lora, custom_diffusion]\n")
+    protocol = load_protocol(write_protocol(text + "lora: {rank: 8}\n"))
+    folder, _ = _write(protocol, tmp_path)
+    runs = pd.read_csv(folder / "runs.csv")
+    rows = {m: runs[(runs["method"] == m) & (runs["step"] == 4)].iloc[0] for m in ("dreambooth", "lora",
+                                                                                    "custom_diffusion")}
+    assert rows["lora"]["rank"] == 8 and rows["lora"]["target_modules"] == "to_q to_k to_v to_out.0"
+    assert pd.isna(rows["lora"]["modifier_token"]) and pd.isna(rows["dreambooth"]["rank"])
+    cd = rows["custom_diffusion"]
+    assert (cd["modifier_token"], cd["initializer_token"], cd["identifier"]) == ("<new1>", "sks", "<new1>")
+    assert pd.isna(cd["train_text_encoder"]) and pd.isna(cd["rank"])
+    assert {m: rows[m]["trainable_params"] for m in rows} == TRAINABLE
+    assert runs["varied"].iloc[0] == "method,prior_loss_weight,num_class_images"
+    images = pd.read_csv(folder / "images.csv")
+    snapshot = images[(images["run_key"] == cd["run_key"]) & (images["prompt_kind"] == "subject")]
+    assert len(snapshot) and snapshot["prompt"].str.contains("<new1>").all()

@@ -2,8 +2,8 @@
 
 `load_protocol(path)` is the only entry point; it returns a `Protocol` or raises a `ProtocolError` that lists
 every problem with its file, line, key and fix. The parts: schema.py (the dataclasses and the range of every field),
-yaml_lines.py (YAML with line numbers), fields.py (conversion and range checks), load.py (building and checks
-across sections).
+yaml_lines.py (YAML with line numbers), fields.py (conversion and range checks), sections.py (one section, and the
+methods' sections), load.py (building and checks across sections).
 """
 
 from harness.config.execution import override_execution

@@ -4,17 +4,17 @@
 range-checking every value (fields.py), resolves paths (inputs relative to the protocol file, outputs relative to
 the working directory), checks what only shows across sections, and asks the registries about what they own:
 the model backend checks `model` (and may check the rest against what its model can do), the method registry the
-method sections and settings, the metric and backbone registries `eval`. Nothing here touches a GPU, a model or
-an image's pixels, and no registry entry is imported unless the protocol names it.
+method sections and settings (built in sections.py), the metric and backbone registries `eval`. Nothing here
+touches a GPU, a model or an image's pixels, and no registry entry is imported unless the protocol names it.
 
-What this module does not hold: the expansion of the grid into runs (grid.py).
+What this module does not hold: building one section or the method sections (sections.py), the expansion of the
+grid into runs (grid.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import string
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from harness.backends import backend_of
 from harness.config.execution import check_execution
 from harness.config.fields import check_rules, convert_field, field_names, suggest
 from harness.config.schema import (
+    CLASS_GENERATION_FIELDS,
     GRID_SUBJECT_KEY,
     ClassImageSpec,
     EvalSpec,
@@ -33,6 +34,16 @@ from harness.config.schema import (
     Protocol,
     SubjectSpec,
     TrainSpec,
+)
+from harness.config.sections import (
+    apply_method_defaults,
+    build_methods,
+    build_section,
+    setting_places,
+    settings_fields,
+    split_train,
+    study_methods,
+    train_of_method,
 )
 from harness.config.yaml_lines import Collector, read_yaml
 from harness.methods import METHODS, setting_owners
@@ -49,34 +60,6 @@ def top_level_keys() -> list[str]:
 
 # --------------------------------------------------------------------------------------------------------------
 # Sections
-
-
-def build_section(cls: type, raw: Any, at: tuple, errs: Collector) -> Any:
-    """A dataclass from a YAML mapping; unknown keys, wrong types and out-of-range values go to `errs`."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        errs.add(at, f"must be a mapping of keys to values, got {type(raw).__name__}.")
-        return cls() if all(f.default is not dataclasses.MISSING for f in fields(cls)) else None
-    names = field_names(cls)
-    values = {}
-    for key, value in raw.items():
-        key = str(key)
-        if key not in names:
-            errs.add(at + (key,), f"unknown key; {suggest(key, names)}")
-            continue
-        try:
-            values[key] = convert_field(cls, key, value)
-        except ValueError as e:
-            errs.add(at + (key,), f"{e}.")
-    try:
-        obj = cls(**values)
-    except TypeError:
-        return None  # a required key is missing; reported by the caller
-    for name, message in check_rules(obj):
-        if name in values:
-            errs.add(at + (name,), message)
-    return obj
 
 
 def _build_model(raw: Any, base: Path, errs: Collector, notes: list[str]) -> ModelSpec:
@@ -214,71 +197,26 @@ def _check_eval(spec: EvalSpec, errs: Collector) -> None:
                                           f"so it cannot use {spec.lpips_net!r}; remove eval.lpips_net.")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Methods: their sections, their settings written in train:, their checks
-
-
-def _study_methods(train: TrainSpec, raw_grid: Any) -> tuple[str, ...]:
-    if isinstance(raw_grid, dict) and isinstance(raw_grid.get("method"), list) and raw_grid["method"]:
-        return tuple(str(m) for m in raw_grid["method"] if str(m) in METHODS)
-    return (train.method,) if train.method in METHODS else ()
-
-
-def _split_train(raw: Any) -> tuple[Any, dict[str, Any]]:
-    """(the TrainSpec part of `train:`, the other keys: settings of a method written without its section)."""
-    if not isinstance(raw, dict):
-        return raw, {}
-    names = set(field_names(TrainSpec))
-    return {k: v for k, v in raw.items() if str(k) in names}, {str(k): v for k, v in raw.items()
-                                                               if str(k) not in names}
-
-
-def _build_methods(data: dict, loose: dict[str, Any], study: tuple[str, ...], errs: Collector
-                   ) -> tuple[tuple[str, Any], ...]:
-    """Each study method's settings from its section and from the settings written in train:."""
-    out = []
-    for name in METHODS.names():
-        if name in data and name not in study:
-            errs.add((name,), f"is the settings section of method {name!r}, which this study does not train "
-                              f"(it trains {', '.join(study) or 'no valid method'}); add {name} to train.method or "
-                              "grid.method, or remove the section.")
-    for key in loose:
-        owners = setting_owners(key)
-        if not any(o in study for o in owners):
-            if owners:
-                errs.add(("train", key), f"is a setting of method {', '.join(owners)}, but this study trains "
-                                         f"{', '.join(study) or 'no valid method'}; remove it or train that method.")
-            else:
-                valid = field_names(TrainSpec) + sorted({f for m in study for f in _settings_fields(m)})
-                errs.add(("train", key), f"unknown key; {suggest(key, valid)}")
-    for name in study:
-        cls = METHODS.get(name)
-        section = data.get(name)
-        settings = build_section(cls.settings_type, section, (name,), errs) or cls.settings_type()
-        for key, value in loose.items():
-            if key not in _settings_fields(name):
-                continue
-            if isinstance(section, dict) and key in section:
-                errs.add(("train", key), f"is also set in the {name} section; keep one of them.")
-                continue
-            try:
-                settings = replace(settings, **{key: convert_field(cls.settings_type, key, value)})
-            except ValueError as e:
-                errs.add(("train", key), f"{e}.")
-        out.append((name, settings))
-    return tuple(out)
-
-
-def _settings_fields(method: str) -> list[str]:
-    return field_names(METHODS.get(method).settings_type)
-
-
-def _apply_method_defaults(train: TrainSpec, given: set[str]) -> TrainSpec:
-    """The protocol's training settings with its method's preferred values where the protocol set none."""
-    if train.method not in METHODS:
-        return train
-    defaults = METHODS.get(train.method).train_defaults
-    return replace(train, **{k: v for k, v in defaults.items() if k not in given})
+def _build_class_images(raw: Any, base: Path, errs: Collector) -> ClassImageSpec:
+    """The class-image section; a folder is resolved against the protocol's folder and must exist."""
+    at = ("class_images",)
+    spec = build_section(ClassImageSpec, raw, at, errs) or ClassImageSpec()
+    given = set(raw) if isinstance(raw, dict) else set()
+    if not spec.from_folder:
+        if spec.dir is not None:
+            errs.add(at + ("dir",), "is only read with source: folder; add source: folder to train on that folder's "
+                                    "images, or remove dir to generate class images.")
+        return spec
+    for key in sorted(given & set(CLASS_GENERATION_FIELDS)):
+        errs.add(at + (key,), "describes generated class images and has no effect with source: folder; remove it.")
+    if spec.dir is None:
+        errs.add(at + ("source",), "is folder but dir is missing; add dir: PATH (a folder of photos of the class, "
+                                   "relative to the protocol file).")
+        return spec
+    folder = spec.dir if spec.dir.is_absolute() else (base / spec.dir).resolve()
+    if not folder.is_dir():
+        errs.add(at + ("dir",), f"folder {folder} does not exist; paths are relative to the protocol file's folder.")
+    return replace(spec, dir=folder)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -288,8 +226,8 @@ def _apply_method_defaults(train: TrainSpec, given: set[str]) -> TrainSpec:
 def grid_keys(study: tuple[str, ...]) -> list[str]:
     """Keys a grid may vary: training fields, subject, and the settings of the study's methods (bare, or
     qualified as method.key)."""
-    settings = [k for m in study for k in _settings_fields(m)]
-    qualified = [f"{m}.{k}" for m in study for k in _settings_fields(m)]
+    settings = [k for m in study for k in settings_fields(m)]
+    qualified = [f"{m}.{k}" for m in study for k in settings_fields(m)]
     return list(dict.fromkeys([*field_names(TrainSpec), GRID_SUBJECT_KEY, *settings, *qualified]))
 
 
@@ -314,7 +252,7 @@ def _convert_grid_value(key: str, value: Any, train: TrainSpec, protocol_methods
             problems += [message for _, message in METHODS.get(method).check(settings, candidate)]
         return v, problems
     method, name = setting_target(key, study)
-    owners = [method] if method else [m for m in study if name in _settings_fields(m)]
+    owners = [method] if method else [m for m in study if name in settings_fields(m)]
     v = convert_field(METHODS.get(owners[0]).settings_type, name, value)
     problems = []
     for owner in owners:
@@ -418,7 +356,8 @@ def _check_combinations(protocol: Protocol, errs: Collector, setting_at: dict[tu
         errs.add(("train", "lr_warmup_steps"), f"warm-up of {max(warmups)} steps is not shorter than the shortest "
                                                f"run ({min(steps)} steps); lower lr_warmup_steps.")
     for name, settings in protocol.methods:
-        for key, message in METHODS.get(name).check(settings, protocol.train):
+        train = train_of_method(protocol.train, name, protocol.method_train_values(name))
+        for key, message in METHODS.get(name).check(settings, train):
             errs.add(setting_at.get((name, key), (name, key)), message)
     backend = backend_of(protocol.model)
     _check_lpips_size(protocol, axes, errs)
@@ -442,18 +381,6 @@ def _check_lpips_size(protocol: Protocol, axes: dict[str, tuple], errs: Collecto
         errs.add(where, f"{resolution} px images are too small for LPIPS {spec.lpips_net} (div_lpips, "
                         f"div_lpips_class need at least {smallest} px); raise the resolution or leave those metrics "
                         "out of eval.metrics.")
-
-
-def _setting_places(data: dict, loose: dict[str, Any], study: tuple[str, ...]) -> dict[tuple[str, str], tuple]:
-    """Where each method setting was written, so a problem with it points at its line."""
-    places: dict[tuple[str, str], tuple] = {}
-    for name in study:
-        for key in _settings_fields(name):
-            if isinstance(data.get(name), dict) and key in data[name]:
-                places[(name, key)] = (name, key)
-            elif key in loose:
-                places[(name, key)] = ("train", key)
-    return places
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -484,14 +411,14 @@ def load_protocol(path: str | Path) -> Protocol:
         description = ""
     model = _build_model(data.get("model"), base, errs, notes)
     subjects = _build_subjects(data.get("subjects"), base, errs)
-    train_raw, loose = _split_train(data.get("train"))
+    train_raw, loose = split_train(data.get("train"))
     given = {str(k) for k in train_raw} if isinstance(train_raw, dict) else set()
     train = build_section(TrainSpec, train_raw, ("train",), errs) or TrainSpec()
     _check_train(train, ("train",), errs, given)
-    train = _apply_method_defaults(train, given)
-    study = _study_methods(train, data.get("grid"))
-    methods = _build_methods(data, loose, study, errs)
-    class_images = build_section(ClassImageSpec, data.get("class_images"), ("class_images",), errs) or ClassImageSpec()
+    train = apply_method_defaults(train, given)
+    study = study_methods(train, data.get("grid"))
+    methods, per_method_train = build_methods(data, loose, study, train, errs)
+    class_images = _build_class_images(data.get("class_images"), base, errs)
     evaluation = build_section(EvalSpec, data.get("eval"), ("eval",), errs) or EvalSpec()
     _check_eval(evaluation, errs)
     output = build_section(OutputSpec, data.get("output"), ("output",), errs) or OutputSpec()
@@ -502,10 +429,11 @@ def load_protocol(path: str | Path) -> Protocol:
     protocol = Protocol(
         name=name, path=path.resolve(), model=model, subjects=subjects, train=train, class_images=class_images,
         eval=evaluation, output=output, grid=grid, description=description.strip(), methods=methods,
-        train_unset=frozenset(field_names(TrainSpec)) - given, notes=tuple(notes), execution=execution, limits=limits,
+        method_train=per_method_train, train_unset=frozenset(field_names(TrainSpec)) - given, notes=tuple(notes),
+        execution=execution, limits=limits,
     )
     if subjects:
         _check_grid_size(protocol, errs)
-        _check_combinations(protocol, errs, _setting_places(data, loose, study))
+        _check_combinations(protocol, errs, setting_places(data, loose, study))
     errs.raise_if_any()
     return protocol

@@ -37,9 +37,10 @@ class NoSettings:
 class Method:
     """One run's method. Subclasses set the class attributes and override the hooks they need.
 
-    The trainer calls, in order: `prepare` (once, on fresh components), then every step `encodes_in_step` to know
-    which prompts run through the text encoder with gradients, `state_dict`/`load_state_dict` for checkpoints,
-    `snapshot_modules` when a snapshot is sampled, `release` at the end, and `export` when the run is saved.
+    The trainer calls, in order: `prepare` (once, on fresh components), `encodes_in_step` to know which prompts
+    run through the text encoder with gradients in every step, `state_dict`/`load_state_dict` for checkpoints,
+    `release` at the end, and `export` when the run is saved (`export_elements` when it is not). Before any of
+    that, the grid asks the class methods for the run's preferred training values and the subject's token.
     """
 
     name: ClassVar[str] = ""
@@ -52,6 +53,28 @@ class Method:
     def __init__(self, settings: Any, train: Any):
         self.settings = settings
         self.train = train
+
+    # ---- what the method brings to a run before it trains (no torch)
+
+    @classmethod
+    def preferred_train(cls, train: Any) -> dict[str, Any]:
+        """The TrainSpec values the method prefers, given the run's other training values (`train`); they apply to
+        the fields the protocol leaves unset. By default `train_defaults`; a method whose preference depends on
+        other settings (a learning rate scaled by the batch) computes it here."""
+        return dict(cls.train_defaults)
+
+    @classmethod
+    def bind_subject(cls, settings: Any, subject: Any) -> tuple[Any, Any]:
+        """(the settings, the subject) as a run of this subject uses them: a method may fill a setting from the
+        subject, or name the subject with its own token in the run's prompts (training and evaluation) by
+        returning the subject with another identifier. By default both are unchanged."""
+        return settings, subject
+
+    @classmethod
+    def vocabulary_words(cls, settings: Any) -> list[tuple[str, str]]:
+        """(setting, word) for each setting whose value must be a word the base model's tokenizer knows, so that
+        a backend with a fixed vocabulary refuses an unknown one before anything runs."""
+        return []
 
     # ---- checks (no torch): (settings key, message) pairs
 
@@ -96,6 +119,11 @@ class Method:
         """Writes the result where plain diffusers loads it (see the method's docstring); returns the path."""
         raise NotImplementedError
 
+    def export_elements(self, components: Components, trainable: int) -> int:
+        """How many numbers the export holds (it is written in fp16, 2 bytes each), for the size of a run that is
+        not saved. By default the `trainable` parameter count: an export of the trained weights only."""
+        return trainable
+
     def memory_settings(self) -> list[tuple[bool, str]]:
         """(applies, protocol setting) pairs that would lower this method's memory, for out-of-memory advice."""
         return []
@@ -112,6 +140,8 @@ def _text(value: Any) -> str:
 
 METHODS: Registry[type[Method]] = Registry("method", lazy={
     "dreambooth": "harness.methods.dreambooth:DreamBooth",
+    "lora": "harness.methods.lora:LoRA",
+    "custom_diffusion": "harness.methods.custom_diffusion:CustomDiffusion",
 })
 
 

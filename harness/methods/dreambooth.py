@@ -84,6 +84,11 @@ class DreamBooth(Method):
     def export(self, components: Components, folder: Path) -> Path:
         return save_pipeline(components, folder / PIPELINE_DIR)
 
+    def export_elements(self, components: Components, trainable: int) -> int:
+        # The export is the whole pipeline, not only what trained.
+        return sum(p.numel() for m in (components.unet, components.vae, components.text_encoder)
+                   for p in m.parameters())
+
     def memory_settings(self) -> list[tuple[bool, str]]:
         return [(self.settings.train_text_encoder, "train_text_encoder: false")]
 
@@ -117,20 +122,49 @@ def disable_gradient_checkpointing(module: torch.nn.Module) -> None:
         module.gradient_checkpointing_disable()
 
 
-def save_pipeline(components: Components, target: Path) -> Path:
-    """The model as a diffusers pipeline (fp16 safetensors) in `target`, replaced atomically."""
-    from harness.models import make_pipeline
+def frozen_dtype(train: TrainSpec, device: torch.device) -> torch.dtype:
+    """The dtype frozen weights are kept in while a method trains beside them: on a GPU the autocast dtype (what the
+    forward pass computes in anyway), else float32 (a CPU samples snapshots without autocast)."""
+    import torch
 
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[train.mixed_precision]
+
+
+def keep_frozen_in(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The module's frozen weights in `dtype` (the autocast dtype: what the forward pass uses anyway), the trained
+    ones in float32. Only the dtype of frozen weights changes, never their values beyond that rounding."""
+    import torch
+
+    for param in module.parameters():
+        wanted = torch.float32 if param.requires_grad else dtype
+        if param.dtype != wanted:
+            param.data = param.data.to(wanted)
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """A fresh staging folder beside `target` to write into; on success it replaces `target` at once, so a reader
+    never sees a half-written export."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        with half_precision(components.unet, components.vae, components.text_encoder):
-            make_pipeline(components, "pndm").save_pretrained(str(staging), safe_serialization=True)
+        yield staging
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def save_pipeline(components: Components, target: Path) -> Path:
+    """The model as a diffusers pipeline (fp16 safetensors) in `target`, replaced atomically."""
+    from harness.models import make_pipeline
+
+    with staged_folder(target) as staging, half_precision(components.unet, components.vae, components.text_encoder):
+        make_pipeline(components, "pndm").save_pretrained(str(staging), safe_serialization=True)
     return target
 
 

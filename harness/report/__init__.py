@@ -8,8 +8,9 @@ It never ranks two configurations whose intervals overlap without saying so.
 
     tables.py    the CSVs read back (`load_results`), intervals (`Estimate`), labels, row selections
     verdict.py   the sentences: fidelity at acceptable drift, prior effect, overfitting, best per metric
-    figures.py   matplotlib plots: metrics against steps, fidelity-drift frontier, diversity
-    grids.py     PIL image grids (`compose_grid`, `image_grid`)
+    methods.py   the method comparison of a study that varies `method`: frontier, best per method, cost, grids
+    figures.py   matplotlib plots: metrics against steps, fidelity-drift frontier (per method too), diversity
+    grids.py     PIL image grids (`compose_grid`, `image_grid`, `run_grid`)
     definitions.py  how every number was computed: metric recipes and backbones (`metric_definitions`)
     paper.py     the comparison with the DreamBooth paper's Table 1, with the paper's backbones only
     markdown.py  the report itself (`render_report`, `write_report`)

@@ -1,8 +1,9 @@
 """The report's plots, drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend change).
 
 One PNG per subject and kind, each written atomically: metrics against training steps with their intervals as bands
-(`plot_metrics_vs_steps`), fidelity against drift (`plot_frontier`: DINO against PRES) and diversity against the
-grid (`plot_diversity`). Each returns the path it wrote, or None when the rows have nothing to plot.
+(`plot_metrics_vs_steps`), fidelity against drift (`plot_frontier`: DINO against PRES; `plot_method_frontier`: one
+line per method) and diversity against the grid (`plot_diversity`). Each returns the path it wrote, or None when
+the rows have nothing to plot.
 
 What this module does not hold: the image grids (grids.py), the tables, intervals and labels it plots from
 (tables.py), or the markdown that links the figures (markdown.py).
@@ -30,6 +31,7 @@ from harness.report.tables import (
     estimate,
     field_value,
     legend_title,
+    method_order,
     metric_label,
     ok_rows,
     reference,
@@ -306,3 +308,55 @@ def _label_diversity_axis(ax: Any, x_field: str | None, rows: pd.DataFrame) -> N
     else:
         categories = _categories(rows, x_field)
         ax.set_xticks(range(len(categories)), categories)
+
+
+def plot_method_frontier(tables: ResultTables, subject: str, path: Path) -> Path | None:
+    """DINO against PRES with one line per method: every snapshot of the method as a faint point, and its frontier
+    (the snapshots no other snapshot of the method beats on both DINO and PRES) joined in PRES order."""
+    rows = ok_rows(tables, subject)
+    if rows.empty or "method" not in rows or not {"dino", "pres"} <= set(available(rows, ("dino", "pres"))):
+        return None
+    rows = rows[rows["dino"].notna() & rows["pres"].notna()]
+    methods = method_order(tables, rows)
+    colours = _distinct_colours(methods)
+    figure = _new_figure(8.4, 7.0)
+    ax = figure.subplots()
+    for method in methods:
+        own = rows[rows["method"] == method]
+        ax.scatter(own["pres"], own["dino"], s=18, color=colours[method], alpha=0.3, linewidths=0)
+        front = frontier(own)
+        ax.errorbar(front["pres"], front["dino"],
+                    xerr=[front["pres"] - front["pres_ci_low"], front["pres_ci_high"] - front["pres"]],
+                    yerr=[front["dino"] - front["dino_ci_low"], front["dino_ci_high"] - front["dino"]],
+                    marker="o", markersize=6, linewidth=1.8, elinewidth=0.6, capsize=0, color=colours[method],
+                    label=f"{method} (frontier of {len(own)} snapshots)")
+    base = reference(tables, subject, "base_model")
+    if base is not None and estimate(base, "dino").known and estimate(base, "pres").known:
+        b_dino, b_pres = estimate(base, "dino"), estimate(base, "pres")
+        ax.plot([b_pres.mean], [b_dino.mean], marker="*", markersize=14, color="0.4", linestyle="none",
+                label="base model (step 0)")
+        if b_pres.has_interval:
+            ax.axvspan(b_pres.low, b_pres.high, color="0.5", alpha=0.08, linewidth=0,
+                       label="base model PRES interval")
+    real = reference(tables, subject, "real_images")
+    if real is not None and estimate(real, "dino").known:
+        ax.axhline(estimate(real, "dino").mean, color="black", linestyle=":", linewidth=1.2, label="real images DINO")
+    ax.set_xlabel("PRES: class-prompt images vs the subject (lower = less drift)")
+    ax.set_ylabel("DINO: subject fidelity (higher is better)")
+    figure.suptitle(f"{subject}: fidelity against drift per method (better: up and to the left)", fontsize=12)
+    ax.set_title("faint points: every configuration and step; lines: each method's frontier, 95% intervals",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    figure.legend(loc="outside lower center", ncols=3, fontsize=8)
+    return _save(figure, path)
+
+
+def frontier(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows no other row beats on both DINO (higher) and PRES (lower), in PRES order."""
+    ordered = rows.sort_values(["pres", "dino"], ascending=[True, False])
+    keep, best = [], -math.inf
+    for index, row in ordered.iterrows():
+        if row["dino"] > best:
+            keep.append(index)
+            best = row["dino"]
+    return ordered.loc[keep]

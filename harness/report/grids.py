@@ -2,7 +2,8 @@
 
 `compose_grid` lays out any labelled grid (the inference notebook uses it too); `image_grid` fills one from the
 result tables and writes it atomically: a row per configuration, a column per snapshot step after the base model,
-the same prompt and seed throughout, and the subject's real images as a strip on top.
+the same prompt and seed throughout, and the subject's real images as a strip on top. `run_grid` does the same for
+rows the caller chooses (the method comparison's one row per method).
 
 What this module does not hold: the matplotlib plots (figures.py) or the markdown that links the grids
 (markdown.py). Besides the tables, it reads only the image files they point to.
@@ -17,7 +18,17 @@ from typing import Any
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from harness.report.tables import BANNER, ResultTables, config_label, ok_rows, run_groups
+from harness.report.tables import (
+    BANNER,
+    IDENTIFIER_SLOT,
+    ResultTables,
+    config_label,
+    ok_rows,
+    prompt_template,
+    prompt_templates,
+    run_groups,
+    subject_identifier,
+)
 
 TILE = 160
 LABEL_WIDTH = 190
@@ -125,14 +136,16 @@ def _image_path(tables: ResultTables, value: Any) -> Path | None:
 
 
 def _pick_prompt(images: pd.DataFrame, kind: str, preferred: Sequence[str]) -> tuple[str, int] | None:
-    """The first preferred prompt (the protocol's order) that has images, and the smallest seed it was drawn with."""
+    """The first preferred prompt template (the protocol's order) that has images, and the smallest seed it was
+    drawn with. Prompts are compared as templates (`prompt_templates`), so runs that name the subject with another
+    token line up with the base model."""
     candidates = images[(images["prompt_kind"] == kind) & (images["source"] == "snapshot")]
     if candidates.empty:
         return None
-    present = set(candidates["prompt"])
-    prompt = next((p for p in preferred if p in present), sorted(present)[0])
-    seeds = candidates[candidates["prompt"] == prompt]["seed"].dropna()
-    return prompt, int(seeds.min())
+    present = set(candidates["template"])
+    template = next((p for p in preferred if p in present), sorted(present)[0])
+    seeds = candidates[candidates["template"] == template]["seed"].dropna()
+    return template, int(seeds.min())
 
 
 def _find_image(images: pd.DataFrame, tables: ResultTables, **match: Any) -> Path | None:
@@ -145,22 +158,32 @@ def _find_image(images: pd.DataFrame, tables: ResultTables, **match: Any) -> Pat
 def image_grid(tables: ResultTables, subject: str, kind: str, preferred_prompts: Sequence[str],
                path: Path) -> tuple[Path, str, int] | None:
     """Rows: configurations; columns: the base model then the snapshot steps; same prompt and seed throughout."""
-    images = tables.images[tables.images["subject"] == subject]
-    chosen = _pick_prompt(images, kind, preferred_prompts)
     rows = ok_rows(tables, subject)
-    if chosen is None or rows.empty:
+    labelled = [(config_label(group.iloc[0], tables.varied, step=False), key) for key, group in run_groups(rows)]
+    return run_grid(tables, subject, kind, preferred_prompts, labelled, "Rows: configurations", path)
+
+
+def run_grid(tables: ResultTables, subject: str, kind: str, preferred_prompts: Sequence[str],
+             rows: Sequence[tuple[str, str]], what_rows: str, path: Path) -> tuple[Path, str, int] | None:
+    """A grid of the given (label, run_key) rows: the base model then each snapshot step, one prompt and seed.
+    Returns (path, the prompt as the base model reads it, seed), or None when there is nothing to show."""
+    images = tables.images[tables.images["subject"] == subject].copy()
+    images["template"] = prompt_templates(tables, images)
+    preferred = [prompt_template(p, subject_identifier(tables, subject)) for p in preferred_prompts]
+    chosen = _pick_prompt(images, kind, preferred)
+    scored = ok_rows(tables, subject)
+    if chosen is None or scored.empty or not rows:
         return None
-    prompt, seed = chosen
-    same = images[(images["prompt"] == prompt) & (images["seed"] == seed)]
-    steps = sorted(int(s) for s in rows["step"].unique())
+    template, seed = chosen
+    same = images[(images["template"] == template) & (images["seed"] == seed)]
+    steps = sorted(int(s) for s in scored[scored["run_key"].isin([k for _, k in rows])]["step"].unique())
     base = _find_image(same, tables, source="base_model")
-    grid_rows = []
-    for key, group in run_groups(rows):
-        cells = [base] + [_find_image(same, tables, source="snapshot", run_key=key, step=s) for s in steps]
-        grid_rows.append((config_label(group.iloc[0], tables.varied, step=False), cells))
+    grid_rows = [(label, [base] + [_find_image(same, tables, source="snapshot", run_key=key, step=s) for s in steps])
+                 for label, key in rows]
     real = [p for p in (_image_path(tables, v) for v in images[images["source"] == "real_images"]["path"]) if p]
+    prompt = template.replace(IDENTIFIER_SLOT, subject_identifier(tables, subject) or IDENTIFIER_SLOT)
     what = "subject prompt" if kind == "subject" else "class prompt (language drift made visible)"
-    title = f"{subject}: {what} \"{prompt}\", seed {seed}. Rows: configurations; columns: training steps."
+    title = f"{subject}: {what} \"{prompt}\", seed {seed}. {what_rows}; columns: training steps."
     grid = compose_grid(title, ["base model (step 0)"] + [f"step {s}" for s in steps], grid_rows,
                         strip=("real images (the subject)", real) if real else None,
                         notice=f"{BANNER}." if tables.pipeline_check_only else None)

@@ -1,13 +1,14 @@
 """The markdown report: `write_report` writes reports/<protocol>/report.md, with figures/*.png beside it.
 
 `render_report` writes the figures and returns the markdown: the pipeline-check banner, the verdict, the setup
-(model, grid, evaluation, backbones, hardware, wall time), the metric definitions, one table per subject with its
-plots and image grids, the failed runs, the timings and links to the CSVs; `write_report` saves it and removes the
-figures it no longer links.
+(model, grid, evaluation, backbones, hardware, wall time), the metric definitions, per subject the method
+comparison (when the study varies `method`) and one table with its plots and image grids, the failed runs, the
+timings and links to the CSVs; `write_report` saves it and removes the figures it no longer links.
 
-What this module does not hold: the sentences (verdict.py), the plots (figures.py), the image grids (grids.py), the
-metric and backbone definitions (definitions.py), the comparison with the paper (paper.py) or the reading of the
-CSVs, intervals and labels (tables.py). It computes no metric and reads no run folder.
+What this module does not hold: the sentences (verdict.py), the method comparison (methods.py), the plots
+(figures.py), the image grids (grids.py), the metric and backbone definitions (definitions.py), the comparison with
+the paper (paper.py) or the reading of the CSVs, intervals and labels (tables.py). It computes no metric and reads
+no run folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from harness.metrics import metric_names
 from harness.report.definitions import metric_definitions
 from harness.report.figures import plot_diversity, plot_frontier, plot_metrics_vs_steps
 from harness.report.grids import image_grid
+from harness.report.methods import method_comparison, varies_method
 from harness.report.paper import paper_comparison
 from harness.report.tables import (
     BANNER,
@@ -248,6 +250,10 @@ def render_report(tables: ResultTables, out_dir: Path, protocol: Protocol | None
     lines += ["## Setup", "", *_setup(tables, protocol), "", "### Metrics", "", *metric_definitions(tables), ""]
     lines += paper_comparison(tables)
     for subject in subjects:
+        if varies_method(tables):
+            preferred = {kind: _preferred_prompts(protocol, subject, kind) for kind in ("subject", "class")}
+            lines += [f"## Methods compared: {subject}", "",
+                      *method_comparison(tables, subject, figures, out_dir, _safe_name(subject), preferred), ""]
         lines += [f"## Results: {subject}", "", *results_table(tables, subject), ""]
         lines += _figures_for_subject(tables, subject, figures, out_dir, protocol)
     lines += ["## Failed runs", "", *_failures(tables), ""]

@@ -187,10 +187,50 @@ def reference(tables: ResultTables, subject: str, kind: str) -> pd.Series | None
     return rows.iloc[0] if len(rows) else None
 
 
+def drift_limit(tables: ResultTables, subject: str) -> float | None:
+    """The highest PRES that counts as acceptable drift: the top of the base model's PRES interval (its mean when
+    it has no interval); None without a base-model PRES."""
+    base = reference(tables, subject, "base_model")
+    pres = estimate(base, "pres") if base is not None else None
+    if pres is None or not pres.known:
+        return None
+    return pres.high if pres.has_interval else pres.mean
+
+
 def run_groups(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(run_key, its rows sorted by step) in table order."""
     order = list(dict.fromkeys(rows["run_key"]))
     return [(key, rows[rows["run_key"] == key].sort_values("step")) for key in order]
+
+
+IDENTIFIER_SLOT = "{identifier}"
+
+
+def subject_identifier(tables: ResultTables, subject: str) -> str | None:
+    """The subject's identifier as the protocol writes it (the base model's prompts use it)."""
+    return next((s.get("identifier") for s in tables.metadata.get("subjects", []) if s.get("name") == subject), None)
+
+
+def prompt_template(prompt: str, identifier: str | None) -> str:
+    """The prompt with its identifier, as a whole word, written as {identifier}."""
+    return " ".join(IDENTIFIER_SLOT if word == identifier else word for word in str(prompt).split())
+
+
+def prompt_templates(tables: ResultTables, images: pd.DataFrame) -> pd.Series:
+    """Each image's prompt as a template: snapshots of a method that names the subject with its own token
+    ('a <new1> dog') line up with the base model's ('a sks dog')."""
+    runs = tables.runs
+    tokens = dict(zip(runs["run_key"], runs["identifier"], strict=True)) if "identifier" in runs else {}
+    return pd.Series([prompt_template(prompt, tokens.get(key) or subject_identifier(tables, subject))
+                      for prompt, key, subject in zip(images["prompt"], images["run_key"], images["subject"],
+                                                      strict=True)], index=images.index, dtype=object)
+
+
+def method_order(tables: ResultTables, rows: pd.DataFrame) -> list[str]:
+    """The methods present in `rows`, in the grid's order (then any other, by name)."""
+    grid_order = [str(m) for m in dict(tables.grid).get("method", [])]
+    present = set(rows["method"])
+    return [m for m in grid_order if m in present] + sorted(present - set(grid_order))
 
 
 def legend_title(varied: Sequence[str]) -> str | None:

@@ -22,6 +22,7 @@ from harness.report.tables import (
     ResultTables,
     best_of,
     config_label,
+    drift_limit,
     estimate,
     field_value,
     metric_label,
@@ -48,7 +49,7 @@ def _fidelity_at_acceptable_drift(tables: ResultTables, subject: str) -> list[st
     base_pres = estimate(base, "pres") if base is not None else Estimate(math.nan, math.nan, math.nan)
     if not base_pres.known:
         return ["The base model's PRES is missing, so there is no drift baseline; see the table."]
-    limit = base_pres.high if base_pres.has_interval else base_pres.mean
+    limit = drift_limit(tables, subject)
     acceptable = [r for r in rows if estimate(r, "pres").known and estimate(r, "pres").mean <= limit]
     out = []
     if not acceptable:

@@ -81,6 +81,8 @@ def runs_columns_doc() -> dict[str, str]:
         "protocol": "protocol name",
         "subject": "subject name",
         "class_noun": "the subject's class noun (e.g. dog)",
+        "identifier": "the token that names the subject in the run's prompts: the subject's identifier, or the "
+                      "method's own token (custom_diffusion's modifier_token)",
         "run_key": "the run's key: its folder under runs/ (sha256 of everything that changes the trained weights)",
         "method": "fine-tuning method",
         "step": "snapshot step: optimizer steps taken when the images were sampled",
@@ -97,6 +99,9 @@ def runs_columns_doc() -> dict[str, str]:
         "sampling_seconds": "seconds spent generating this snapshot's evaluation images",
         "scoring_seconds": "seconds spent scoring them",
         "peak_memory_gib": "peak GPU memory of the run (GiB; empty on CPU)",
+        "trainable_params": "number of parameters (elements) the method trained",
+        "artifact_bytes": "size of the run's export in bytes: on disk when save is final, else what its tensors take "
+                          "in fp16, the export's format (file headers and metadata aside)",
         "device": "device the run trained on",
         "optimizer_used": "optimizer the run actually used (AdamW8bit, or the fallback)",
         **SETUP_DOC,
@@ -196,8 +201,8 @@ def integer_columns() -> frozenset[str]:
     for _, cls in METHODS.items():
         hints.update(typing.get_type_hints(cls.settings_type))
     ints = [c for c in train_columns() if _is_integer_type(hints.get(c))]
-    return frozenset({"step", "run_steps", "seed", "eval_steps", "eval_resolution", *ints,
-                      *(f"{m}_n" for m in metric_names())})
+    return frozenset({"step", "run_steps", "seed", "eval_steps", "eval_resolution", "trainable_params",
+                      "artifact_bytes", *ints, *(f"{m}_n" for m in metric_names())})
 
 
 def csv_text(frame: pd.DataFrame) -> str:

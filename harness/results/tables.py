@@ -148,9 +148,16 @@ def _train_values(files: RunFiles | None) -> dict[str, Any]:
         "train_seconds": train.get("wall_seconds"),
         "seconds_per_step": train.get("seconds_per_step"),
         "peak_memory_gib": peak / 2**30 if isinstance(peak, (int, float)) else None,
+        "trainable_params": train.get("trainable_params"),
+        "artifact_bytes": train.get("artifact_bytes"),
         "device": train.get("device"),
         "optimizer_used": train.get("optimizer"),
     }
+
+
+def _cell(value: Any) -> Any:
+    """A setting as one CSV cell: a list setting (lora.target_modules) as its items separated by spaces."""
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
 
 
 def runs_table(protocol: Protocol, runs: Iterable[RunSpec], records: Records) -> pd.DataFrame:
@@ -161,13 +168,14 @@ def runs_table(protocol: Protocol, runs: Iterable[RunSpec], records: Records) ->
     for run in sort_runs(runs):
         files = records.runs.get(run.run_key)
         error, phase = _error_fields(files)
-        settings = {**asdict(run.method), **asdict(run.train)}
+        settings = {k: _cell(v) for k, v in {**asdict(run.method), **asdict(run.train)}.items()}
         for step in run.snapshot_steps:
             record = snapshots.get((run.run_key, step))
             status = "ok" if record else ("failed" if error else "missing")
             rows.append({
                 "protocol": protocol.name, "subject": run.subject.name, "class_noun": run.subject.class_noun,
-                "run_key": run.run_key, "method": run.train.method, "step": step, "run_steps": run.train.steps,
+                "identifier": run.subject.identifier, "run_key": run.run_key, "method": run.train.method,
+                "step": step, "run_steps": run.train.steps,
                 "varied": varied, **{c: settings.get(c) for c in train_columns()}, **_metric_values(record),
                 "status": status, "error": error if status == "failed" else None,
                 "error_phase": phase if status == "failed" else None,

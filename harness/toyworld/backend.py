@@ -2,7 +2,7 @@
 
 Resolving fills in the weights' revision (a digest of their manifest, so retrained weights never reuse old runs);
 checking the protocol refuses what the toy model cannot do (another resolution than 64, words outside its
-vocabulary, DreamBench's prompts) before anything runs.
+vocabulary in a prompt or in a method setting that names a token, DreamBench's prompts) before anything runs.
 
 What this module does not hold: the models and their weights (models.py), the renderer (world.py).
 """
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from harness.backends import ModelBackend, Resolved
 from harness.config.schema import ModelSpec, Protocol, SubjectSpec
+from harness.methods import METHODS
 from harness.toyworld.models import (
     SCOPE_NOTE,
     ToyWorldWeightsError,
@@ -71,6 +72,10 @@ class ToyWorldBackend(ModelBackend):
                 check(("subjects", i, "eval_prompts", j), template, subject)
             for j, template in enumerate(protocol.eval.class_prompts):
                 check(("eval", "class_prompts", j), template, subject)
+        for name, settings in protocol.methods:
+            for key, word in METHODS.get(name).vocabulary_words(settings):
+                if unknown_words(word):
+                    problems.append(((name, key), f"{word!r} is not a word of the toy world. {known}"))
         return problems
 
     def identifier_problem(self, model: ModelSpec, identifier: str) -> str | None:

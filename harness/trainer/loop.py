@@ -15,7 +15,8 @@ Decisions worth knowing:
   text encoder); the frozen modules go back to the CPU after it returns.
 - Weights are float32 (master weights) under bf16/fp16 autocast; fp16 also uses a GradScaler.
 - `train` takes ownership of `components`: they are trained in place (pass freshly loaded components per run).
-  With `save: final` the method exports its result (a diffusers pipeline for DreamBooth, in fp16).
+  With `save: final` the method exports its result (fp16: a diffusers pipeline for DreamBooth, a LoRA file, Custom
+  Diffusion's attention weights and token); train.json records its size on disk, or what it would take unsaved.
 
 Nothing here generates class images, encodes images or prompts for the caches, or scores anything.
 """
@@ -28,6 +29,7 @@ import statistics
 import time
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +44,7 @@ from harness.records import CHECKPOINT_FILE, TRAIN_STAGE, TrainRecord, read_trai
 from harness.store import RunFolder
 from harness.trainer.checkpoints import load_checkpoint, restore_checkpoint, save_checkpoint, usable_checkpoint
 from harness.trainer.optimizers import MEMORY_MODES, choose_optimizer
-from harness.trainer.randomness import StepInputs, draw_step_inputs
+from harness.trainer.randomness import StepInputs, draw_step_inputs, seed_global_rng
 from harness.trainer.session import StepLoss, TrainingSession
 
 WARMUP_STEPS = 2  # steps left out of the seconds-per-step figure (allocator and kernel warm-up)
@@ -109,10 +111,14 @@ def start_session(method: Method, components: Components, data: TrainingData, de
     updater = MEMORY_MODES[spec.memory_mode](params, spec, factory, scaler)
     session = TrainingSession(spec=spec, method=method, components=components, data=data, device=device,
                               updater=updater, optimizer_label=label,
-                              noise_scheduler=make_scheduler(components.scheduler_config, "ddpm"), scaler=scaler)
+                              noise_scheduler=make_scheduler(components.scheduler_config, "ddpm"), scaler=scaler,
+                              trainable_params=sum(p.numel() for p in params))
     for kind, prompt, cached in _prompts(data, spec):
         if method.encodes_in_step(kind):
             session.tokens[kind] = _token_ids(components, prompt, device)
+        elif cached is None:
+            raise ValueError(f"the training data has no cached embedding of the {kind} prompt {prompt!r}, but method "
+                             f"{method.name} does not encode it in each step; build it without encoded_in_step.")
         else:
             session.embeddings[kind] = cached.to(device)
     return session
@@ -179,6 +185,7 @@ def compute_loss(session: TrainingSession, inputs: StepInputs) -> LossParts:
 
 def advance(session: TrainingSession) -> StepLoss:
     """One optimizer step (one instance batch plus, with a prior, one class batch)."""
+    seed_global_rng(session.spec.seed, session.step)  # dropout, if a method has any, replays too
     inputs = draw_step_inputs(session.data, session.spec, session.step, session.components.vae.config.scaling_factor,
                               session.noise_scheduler.config.num_train_timesteps, session.device)
     lr = session.updater.lr.current
@@ -317,16 +324,26 @@ def _train_until(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         optimizer=session.optimizer_label, memory_mode=run.train.memory_mode,
         mixed_precision=run.train.mixed_precision, resumed_from_step=resumed_from, loss_history=history,
+        trainable_params=session.trainable_params,
+        artifact_bytes=2 * method.export_elements(components, session.trainable_params),
     )
     if folder.is_done(TRAIN_STAGE):
         return result  # a replay for snapshots sampled again: the stored result stays
     if run.train.save == "final":
         result.pipeline_dir = str(method.export(components, folder.path))
+        result.artifact_bytes = disk_bytes(Path(result.pipeline_dir))
     result.wall_seconds = time.perf_counter() - started
     write_train(folder.path, result)
     folder.mark_done(TRAIN_STAGE, {"final_step": result.final_step})
     shutil.rmtree(folder.file(CHECKPOINT_FILE).parent, ignore_errors=True)
     return result
+
+
+def disk_bytes(path: Path) -> int:
+    """The size on disk of an export: a file, or every file under a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _checkpoint_due(spec: TrainSpec, step: int) -> bool:

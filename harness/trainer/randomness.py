@@ -1,9 +1,10 @@
 """Randomness of training as a pure function of (seed, step): the data order, latent samples, noise and timesteps.
 
 The images a step uses come from per-epoch permutations seeded by the run's seed; the latent samples, noise,
-offset noise and timesteps of step s come from a generator seeded by (seed, s). All of it is drawn on the CPU, so a
-run started again from step 0 replays exactly the same data and noise, and a resumed run continues exactly where
-its checkpoint left it.
+offset noise and timesteps of step s come from a generator seeded by (seed, s), and torch's global generators are
+seeded by (seed, s) before the step for what a model draws itself (LoRA's dropout). All of it is drawn on the CPU,
+so a run started again from step 0 replays exactly the same data and noise, and a resumed run continues exactly
+where its checkpoint left it.
 
 What this module does not hold: the loss or the model (loop.py).
 """
@@ -39,6 +40,12 @@ def stream_indices(n: int, batch_size: int, seed: int, stream: str, step: int) -
 def _epoch_order(n: int, seed: int, stream: str, epoch: int) -> tuple[int, ...]:
     generator = torch.Generator().manual_seed(derive_seed(seed, stream, "epoch", epoch))
     return tuple(torch.randperm(n, generator=generator).tolist())
+
+
+def seed_global_rng(seed: int, step: int) -> None:
+    """Seeds torch's global generators for step `step`: what a model draws on its own (LoRA dropout) is then a pure
+    function of (seed, step) too, and the same after a resume."""
+    torch.manual_seed(derive_seed(seed, "global", step))
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ class TrainingSession:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     step: int = 0
+    trainable_params: int = 0  # elements of the parameters the method trains
 
     @property
     def trained_modules(self) -> list[torch.nn.Module]:
