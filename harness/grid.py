@@ -115,8 +115,8 @@ def run_identity(
 def _class_image_identity(spec: ClassImageSpec | None) -> dict[str, Any] | None:
     if spec is None:
         return None
-    # The batch size does not change the images: every image is generated from its own seed.
-    return {k: v for k, v in asdict(spec).items() if k != "batch_size"}
+    # The batch size and compilation do not change the images: every image is generated from its own seed.
+    return {k: v for k, v in asdict(spec).items() if in_identity(ClassImageSpec, k)}
 
 
 def run_key(identity: dict[str, Any]) -> str:
