@@ -88,6 +88,8 @@ class TrainRecord:
     loss_history: list[dict[str, Any]] = field(default_factory=list)  # {"step", "instance", "prior", "lr"}
     pipeline_dir: str | None = None  # the export's folder, when the run is saved
     device: str = "cpu"  # the accelerator's name ("NVIDIA H100 80GB HBM3") or "cpu"
+    compiled: str | None = None  # how the UNet was compiled for training (harness/trainer/compiled.py); None: eager
+    warmup_seconds: float | None = None  # the first steps of this process, compilation included
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
