@@ -25,8 +25,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from harness.config import ClassImageSpec, ModelSpec
+from harness.config.fields import in_identity
 from harness.grid import RunSpec
 from harness.store import atomic_path, atomic_write_json, read_json, text_digest
+from harness.timings import count
 
 if TYPE_CHECKING:  # torch and diffusers load only when images are generated: planning stays light
     import torch
@@ -48,7 +50,7 @@ class PoolSpec:
     sampler: ClassImageSpec
 
     def identity(self) -> dict[str, Any]:
-        sampler = {k: v for k, v in asdict(self.sampler).items() if k != "batch_size"}
+        sampler = {k: v for k, v in asdict(self.sampler).items() if in_identity(ClassImageSpec, k)}
         return {
             "version": POOL_VERSION,
             "model": {"id": self.model.id, "revision": self.model.revision, "dtype": self.model.dtype},
@@ -204,16 +206,15 @@ def generate_images(
     `aligned_batch`); the other images of such a batch are saved too when they are not on disk yet."""
     import torch
 
-    from harness.models import make_pipeline
     from harness.sampling import default_batch_size
 
     device = torch.device(device)
-    pipe = make_pipeline(components, pool.sampler.sampler)
     batch = batch_size or default_batch_size(device, pool.resolution)
     pending = sorted(set(indices))
     bar = tqdm(total=len(pending), desc=f"class images {pool.prompt!r}", unit="img")
     # PNG encoding runs in threads (zlib releases the GIL) while the GPU renders the next batch.
-    with _inference_placement(components, device), torch.inference_mode(), ThreadPoolExecutor(SAVE_THREADS) as writers:
+    with _pipeline(pool, folder, components, device, batch, len(pending)) as (pipe, recipe), \
+            torch.inference_mode(), ThreadPoolExecutor(SAVE_THREADS) as writers:
         saving: list[Future] = []
         while pending:
             chunk = aligned_batch(pending[0], batch)
@@ -225,11 +226,12 @@ def generate_images(
                 batch = _halve_batch(batch, explicit=batch_size is not None)
                 continue
             _wait(saving, bar)  # the previous batch: at most two batches of images wait in memory
-            saving = [writers.submit(save_image, folder, pool, index, image, batch)
+            saving = [writers.submit(save_image, folder, pool, index, image, batch, recipe.name)
                       for index, image in zip(chunk, images, strict=True) if not is_present(folder, index)]
             pending = [i for i in pending if i not in chunk]
         _wait(saving, bar)
     bar.close()
+    count(len(indices), "images")
 
 
 def _wait(futures: list[Future], bar: tqdm) -> None:
@@ -256,13 +258,49 @@ def render_images(pipe, pool: PoolSpec, indices: list[int], device: torch.device
                   pool.sampler.steps, pool.sampler.guidance_scale, device, pool.sampler.negative_prompt)
 
 
-def save_image(folder: Path, pool: PoolSpec, index: int, image: Image.Image, batch_size: int) -> None:
+def save_image(folder: Path, pool: PoolSpec, index: int, image: Image.Image, batch_size: int,
+               render: str = "eager") -> None:
     png = image_path(folder, index)
     with atomic_path(png) as tmp:
         image.save(tmp, format="PNG")
     atomic_write_json(sidecar_path(png), {"index": index, "seed": pool.image_seed(index), "prompt": pool.prompt,
                                           "negative_prompt": pool.sampler.negative_prompt, "pool": pool.key,
-                                          "batch_size": batch_size})
+                                          "batch_size": batch_size, "render": render})
+
+
+def _pipeline(pool: PoolSpec, folder: Path, components: Components, device: torch.device, batch: int,
+              count: int) -> contextlib.AbstractContextManager:
+    """(pipeline, recipe used) for the pool: the recipe its images were rendered with, else `class_images.compile`
+    resolved for `count` images (harness/inference.py). Aligned batches are always whole, so shapes never change."""
+    import torch
+
+    from harness.inference import choose_recipe, recipe_pipeline
+    from harness.models import make_pipeline
+
+    recorded = next((r for r in _sidecars(folder) if isinstance(r.get("batch_size"), int)), None)
+    recipe, _ = choose_recipe(None if recorded is None else recorded.get("render", "eager"), pool.sampler.compile,
+                              device, count, "sampling.class", (batch, pool.resolution))
+
+    @contextlib.contextmanager
+    def eager_pipeline():
+        with _inference_placement(components, device):
+            yield make_pipeline(components, pool.sampler.sampler)
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return recipe_pipeline(components, components.unet, pool.sampler.sampler, device, dtype, recipe,
+                           (batch, pool.resolution), eager_pipeline)
+
+
+def _sidecars(folder: Path) -> Iterator[dict[str, Any]]:
+    for sidecar in sorted(Path(folder).glob("*.json")):
+        if sidecar.name == MANIFEST:
+            continue
+        try:
+            record = read_json(sidecar)
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            yield record
 
 
 @contextlib.contextmanager
