@@ -24,6 +24,7 @@ from harness.data import load_rgb
 from harness.embedders import Embedder, EmbeddingCache, embed_with_cache
 from harness.metrics import ImageSet, MetricResult, clip_t_texts, features_for, score, score_real_images
 from harness.records import scores_header, scores_name, scores_record, write_scores
+from harness.timings import count
 
 
 def record_name(spec: EvalSpec) -> str:
@@ -116,6 +117,7 @@ def samples_record(
     """The scores.json record of a snapshot or of the base model."""
     started = time.perf_counter()
     results, table = score_samples(scorer, samples, real_paths, subject)
+    count(len(samples), "images")
     images = [{"path": s["path"], "prompt": s["prompt"], "prompt_kind": s["prompt_kind"], "seed": int(s["seed"])}
               for s in samples]
     return _record(scorer, _header(kind, protocol, subject, run_key, step), results, images, table, sampler,

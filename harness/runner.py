@@ -11,11 +11,10 @@ What this module does not hold: how any stage computes (each lives in its own mo
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from harness.config import Protocol, SubjectSpec
 from harness.data import folder_digest, list_instance_files, prepare_instances
 from harness.embedders import EmbeddingCache, make_embedders
 from harness.evaluator import Scorer, real_images_record, record_name, samples_record, write_record
+from harness.fastpath import expect_study
 from harness.grid import RunSpec
 from harness.metrics import roles_for
 from harness.models import Components
@@ -55,40 +55,10 @@ from harness.sampling import (
     samples_key,
 )
 from harness.store import RunFolder, RunStore
-from harness.trainer import TrainingOutOfMemoryError, train
+from harness.timings import Timings
+from harness.trainer import TrainingOutOfMemoryError, train, training_components
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Timing of phases
-
-
-@dataclass
-class Timings:
-    """Wall-clock seconds per phase. Phases nest (sampling happens inside training); each second counts once,
-    in the innermost phase, so the phases add up to the total."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    _inner: list[float] = field(default_factory=list)
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        self._inner.append(0.0)
-        try:
-            yield
-        finally:
-            elapsed = time.perf_counter() - started
-            nested = self._inner.pop()
-            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - nested
-            if self._inner:
-                self._inner[-1] += elapsed
-
-    def table(self) -> str:
-        total = sum(self.seconds.values())
-        lines = [f"  {name:<28} {sec:9.1f} s" for name, sec in self.seconds.items()]
-        return "\n".join(["Time per phase:", *lines, f"  {'total':<28} {total:9.1f} s"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,8 +237,8 @@ def execute_run(shared: Shared, run: RunSpec) -> str:
         to_sample = [s for s in unscored if s not in rendered]
         if to_sample or not folder.is_done(TRAIN_STAGE):
             with shared.timings.phase("load model"), failing_phase("prepare"):
-                # fp32 master weights for training, loaded as published rather than rounded through fp16
-                components = load_components(run.model, dtype=torch.float32)
+                # fp32 master weights as published, restored in place into the last run's modules when it can
+                components = training_components(run.model)
             with shared.timings.phase("caches (latents, text)"), failing_phase("prepare"):
                 data = training_data(shared, run, components)
             with shared.timings.phase("training"), failing_phase("train"):
@@ -326,6 +296,7 @@ def run_protocol(protocol: Protocol, only: tuple[str, ...] = (), report_only: bo
     """Runs the protocol; returns the process exit status (0 when every selected run succeeded)."""
     started = time.perf_counter()
     plan = make_plan(protocol)
+    expect_study(plan.work)  # lets `compile: auto` amortise compilation over the whole grid
     for note in plan.warnings:
         print(f"note: {note}")
     shared = Shared(protocol=protocol, device=pick_device(device), store=RunStore(protocol.output.runs_dir),
