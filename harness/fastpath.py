@@ -5,8 +5,9 @@ compilation back:
 - never on a CPU (inductor's C++ kernels take minutes to build there and CUDA graphs do not exist);
 - always where a module compiled for the same shapes already lives in this process (nothing left to pay);
 - otherwise when (work ahead) x (seconds saved per unit) exceeds the compile time, with the figures measured on
-  this GPU (benchmarks/throughput.json, harness/throughput.py) or, for a GPU without such figures, the defaults
-  below, measured on an H100.
+  this GPU (benchmarks/throughput.json, harness/throughput.py) or, on an H100 or H200 without such figures, the
+  defaults below, measured on an H100. Any other GPU without figures stays eager under `auto`: compiling pays back
+  where launches, not the GPU, set the pace, which a slower GPU may not show (measure it, or set `true`).
 The work ahead is the larger of the call's own work (a run's steps, a folder's images) and the study's, which the
 runner announces once with `expect_study`, so a grid of short runs that share one compiled UNet still compiles.
 The study's figure counts all of its work, done or not: a study resumed near its end may compile for little gain
@@ -52,6 +53,7 @@ class Payback:
 # compilation (a probe of the UNet alone); class images (PNDM 50 steps, batch 32) eager 2.89 images/s against
 # 3.88 compiled, which paid back from ~700 images, i.e. ~62 s of compilation. Evaluation sampling is assumed to
 # gain the same ratio. benchmarks/throughput.json replaces these with the harness's own figures per GPU.
+DEFAULT_GPUS = ("H100", "H200")  # the GPUs these defaults speak for (an H200 is an H100 with more memory)
 DEFAULT_PAYBACK = {
     "training": Payback(0.27, 0.131, 150.0, "H100 probe (torch.compile reduce-overhead of the UNet)"),
     "sampling": Payback(1 / 3.6, 1 / (3.6 * 3.88 / 2.89), 62.0, "H100 class-image measurement, ratio 3.88/2.89"),
@@ -87,11 +89,11 @@ class Decision:
     reason: str
 
 
-def decide(setting: str | bool, device_type: str, work: int, payback: Payback, unit: str = "units",
+def decide(setting: str | bool, device_type: str, work: int, payback: Payback | None, unit: str = "units",
            warm: bool = False, unsupported: str | None = None) -> Decision:
     """Resolves a `compile` setting ("auto", True, False) for `work` units ("steps", "images") on a device of
-    `device_type`. `warm`: a module compiled for these shapes already exists in this process. `unsupported`: why
-    this phase cannot compile at all (None when it can).
+    `device_type`. `payback`: the figures of this GPU (None: none measured). `warm`: a module compiled for these
+    shapes already exists in this process. `unsupported`: why this phase cannot compile at all (None when it can).
     """
     if setting != "auto" and not isinstance(setting, bool):
         raise ValueError(f"compile must be auto, true or false, not {setting!r}.")
@@ -105,6 +107,9 @@ def decide(setting: str | bool, device_type: str, work: int, payback: Payback, u
         return Decision(False, f"auto: eager on {device_type} (compiling pays back on a CUDA GPU only)")
     if warm:
         return Decision(True, "auto: a compiled model of these shapes is already in memory")
+    if payback is None:
+        return Decision(False, "auto: eager, no compile figures measured on this GPU (benchmarks/"
+                               "bench_throughput.py measures them; compile: true compiles anyway)")
     needed = payback.break_even()
     if work >= needed:
         return Decision(True, f"auto: {work} {unit} pay back ~{payback.compile_seconds:.0f} s of compilation "

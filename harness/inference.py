@@ -66,9 +66,9 @@ RECIPES = {
 
 def choose_recipe(recorded: str | None, setting: str | bool, device: torch.device, images: int, figure: str,
                   shape: tuple[int, int]) -> tuple[Recipe, str]:
-    """The recipe of a folder: the one its images were rendered with, else what `compile` (`setting`) resolves to
-    for `images` images (`figure`: "sampling.eval" or "sampling.class", the table's key; `shape`: batch and
-    resolution). Returns the recipe and why."""
+    """The recipe of a folder: the one its images were rendered with (unless `compile` is false: the way out of a
+    compiled path that fails), else what `compile` (`setting`) resolves to for `images` images (`figure`:
+    "sampling.eval" or "sampling.class", the table's key; `shape`: batch and resolution). Returns it and why."""
     problem = compiler_problem(device.type)
     if recorded is not None and recorded not in RECIPES:
         log.warning("this folder's images were rendered %s, a recipe this version does not know; rendering the "
@@ -76,6 +76,10 @@ def choose_recipe(recorded: str | None, setting: str | bool, device: torch.devic
         return RECIPES[EAGER], f"unknown recipe {recorded!r}"
     if recorded is not None:
         recipe = RECIPES[recorded]
+        if recipe.compile and setting is False:
+            log.warning("this folder's images were rendered compiled, but compile is false: rendering the rest "
+                        "eager; they may differ from an uninterrupted pass in the last bits.")
+            return RECIPES[EAGER], "compile: false"
         if recipe.compile and problem:
             log.warning("this folder's images were rendered %s, which cannot run here (%s); rendering the rest "
                         "eager: they may differ from an uninterrupted pass in the last bits.", recorded, problem)
@@ -129,7 +133,7 @@ def compiled_components(components: Components, source_unet: torch.nn.Module, de
     """Components whose UNet and VAE are the recipe's copies, holding the weights of `source_unet` and of
     `components.vae`, with the text encoder placed on `device`; None when the weights do not fit (render eager)."""
     models = _models_for(source_unet, components.vae, device, dtype, recipe)
-    if not fits(source_unet.state_dict(), models.unet):
+    if not fits(source_unet.state_dict(), models.unet) or not fits(components.vae.state_dict(), models.vae):
         yield None
         return
     if device.type == "cuda":
@@ -202,11 +206,16 @@ def fits(source_state: dict[str, torch.Tensor], copy: torch.nn.Module) -> bool:
     return source_state.keys() == target.keys() and all(source_state[k].shape == v.shape for k, v in target.items())
 
 
+@torch.no_grad()
 def _materialise(models: InferenceModels, source_unet: torch.nn.Module, vae: torch.nn.Module) -> None:
     """Allocates the copies on their device and copies the weights in (cast to the copies' dtype)."""
     for copy, source in ((models.unet, source_unet), (models.vae, vae)):
         copy.to_empty(device=models.device)
-        copy.load_state_dict(source.state_dict(), strict=False)  # the fused projections are filled below
+        copy.load_state_dict(source.state_dict(), strict=False)  # `fits` checked the keys; fused ones follow
+        buffers = dict(source.named_buffers())  # non-persistent buffers are not in the state dict
+        for name, buffer in copy.named_buffers():
+            if name in buffers:
+                buffer.copy_(buffers[name])
     refresh_fused_projections(models.unet)
 
 

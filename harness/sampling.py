@@ -147,8 +147,9 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     wanted = set(todo)
     starts = sorted({requests.index(r) // batch * batch for r in todo})
-    with _pipeline(components, unet, settings.sampler, device, dtype, recipe, (batch, settings.resolution)) as (
-            pipe, recipe), torch.inference_mode(), ThreadPoolExecutor(SAVE_THREADS) as writers:
+    shape = (batch, settings.resolution)
+    with sampling_pipeline(components, unet, settings.sampler, device, dtype, recipe, shape) as (pipe, recipe), \
+            torch.inference_mode(), ThreadPoolExecutor(SAVE_THREADS) as writers:
         bar = tqdm(total=len(todo), desc=progress, unit="img", leave=False)
         saving: list[Future] = []
         for start in starts:
@@ -165,8 +166,8 @@ def generate(
     return len(todo)
 
 
-def _pipeline(components: Components, unet: torch.nn.Module | None, sampler: str, device: torch.device,
-              dtype: torch.dtype, recipe: Recipe, shape: tuple[int, int]) -> contextlib.AbstractContextManager:
+def sampling_pipeline(components: Components, unet: torch.nn.Module | None, sampler: str, device: torch.device,
+                      dtype: torch.dtype, recipe: Recipe, shape: tuple[int, int]) -> contextlib.AbstractContextManager:
     """(pipeline, recipe used) for the duration, its modules in place (harness/inference.py)."""
 
     @contextlib.contextmanager

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.fastpath import DEFAULT_PAYBACK, Payback, decide
+from harness.fastpath import DEFAULT_GPUS, DEFAULT_PAYBACK, Payback, decide
 
 TABLE_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.json"
 TABLE_SCHEMA = 1
@@ -87,10 +87,13 @@ def measured_payback(key: str, gpu: str | None) -> Payback | None:
                    f"measured on {gpu} at {compiled.get('commit', '?')}")
 
 
-def payback_for(kind: str, key: str, gpu: str | None) -> Payback:
-    """The measured payback of `key` on `gpu`, or the default of `kind` ("training" or "sampling") when that GPU
-    lacks an eager figure, a compiled figure or a compile time for it."""
-    return measured_payback(key, gpu) or DEFAULT_PAYBACK[kind]
+def payback_for(kind: str, key: str, gpu: str | None) -> Payback | None:
+    """The measured payback of `key` on `gpu`; else, on the GPUs the defaults speak for (an H100 or H200), the
+    default of `kind` ("training" or "sampling"); else None (nothing known: `auto` stays eager)."""
+    measured = measured_payback(key, gpu)
+    if measured is not None:
+        return measured
+    return DEFAULT_PAYBACK[kind] if gpu and any(name in gpu for name in DEFAULT_GPUS) else None
 
 
 def _seconds_per_unit(figure: dict[str, Any]) -> float:

@@ -103,9 +103,17 @@ def test_payback_comes_from_the_table_where_it_was_measured(table):
     assert (measured.eager_seconds, measured.compiled_seconds, measured.compile_seconds) == (0.3, 0.1, 100.0)
     assert measured.break_even() == pytest.approx(500)
     assert throughput.payback_for("sampling", "sampling.eval", H100).break_even() == pytest.approx(50 / 0.125)
-    # No compiled figure (class images) or no such GPU: the defaults measured on an H100.
+    # No compiled figure (class images): on an H100 or H200, the defaults measured on an H100; elsewhere nothing.
     assert throughput.payback_for("sampling", "sampling.class", H100) is fastpath.DEFAULT_PAYBACK["sampling"]
-    assert throughput.payback_for("training", "train.x", "Tesla T4") is fastpath.DEFAULT_PAYBACK["training"]
+    assert throughput.payback_for("training", "train.x", "NVIDIA H200") is fastpath.DEFAULT_PAYBACK["training"]
+    assert throughput.payback_for("training", "train.x", "Tesla T4") is None
+    assert throughput.payback_for("training", "train.x", None) is None
+
+
+def test_auto_stays_eager_on_a_gpu_without_figures():
+    decision = decide("auto", "cuda", 10**6, None, "steps")
+    assert not decision.compile and "no compile figures measured on this GPU" in decision.reason
+    assert decide(True, "cuda", 1, None).compile and decide("auto", "cuda", 1, None, warm=True).compile
 
 
 def test_merging_figures_keeps_the_others():

@@ -37,6 +37,7 @@ from harness.throughput import payback_for, training_key
 log = logging.getLogger(__name__)
 
 ATTRIBUTE = "_harness_compiled"  # the TrainingCompile a UNet is compiled with (absent: not compiled)
+REPEATED_BLOCKS = ("BasicTransformerBlock",)  # UNet2DConditionModel's repeated blocks (diffusers' _repeated_blocks)
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,12 @@ def compile_unet(unet: torch.nn.Module, variant: TrainingCompile) -> bool:
         options["mode"] = variant.mode
     if variant.scope == "full":
         unet.compile(**options)
-    else:
+    elif hasattr(unet, "compile_repeated_blocks"):
         unet.compile_repeated_blocks(**options)
+    else:  # a diffusers without regional compilation: the same blocks by hand
+        for module in unet.modules():
+            if type(module).__name__ in getattr(unet, "_repeated_blocks", REPEATED_BLOCKS):
+                module.compile(**options)
     setattr(unet, ATTRIBUTE, variant)
     return True
 
