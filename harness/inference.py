@@ -140,7 +140,9 @@ def compiled_components(components: Components, source_unet: torch.nn.Module, de
         torch.backends.cudnn.benchmark = True  # static shapes: the timed algorithms serve every batch
     _materialise(models, source_unet, components.vae)
     try:
-        with placed([components.text_encoder], device, dtype):
+        # The text encoder moves without a cast (autocast computes in half precision): casting float32 weights
+        # there and back would round a text encoder that trains.
+        with placed([components.text_encoder], device):
             yield replace(components, unet=models.unet, vae=models.vae)
         models.shapes.add(shape)
     finally:

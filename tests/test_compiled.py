@@ -28,7 +28,7 @@ from harness.methods import METHODS
 from harness.sampling import eval_requests, generate, read_recorded, sampler_settings
 from harness.trainer import Speedups, TrainingCompile, reuse
 from harness.trainer import loop as trainer
-from harness.trainer.compiled import compiled_with
+from harness.trainer.compiled import compiled_with, is_warm, training_shape
 from tests.test_trainer import Recorder, make_run, open_folder, synthetic_data
 
 pytestmark = pytest.mark.slow
@@ -83,6 +83,10 @@ def test_compiled_training_matches_eager_and_the_compiled_unet_is_reused(tmp_pat
     compiled_components = reuse.training_components(ModelSpec(id="tiny"))
     compiled = train_run(tmp_path, run, compiled_components, Speedups(compile=variant), "compiled")
     assert compiled_with(compiled_components.unet) == variant
+    method = trainer.make_method(run)
+    assert is_warm(compiled_components.unet, variant, training_shape(run.train, method))
+    no_prior = dataclasses.replace(run.train, prior_loss_weight=0.0)  # batch 1 instead of 1 + 1: another shape
+    assert not is_warm(compiled_components.unet, variant, training_shape(no_prior, method))
     assert compiled.compiled == variant.describe() and eager.compiled is None
     np.testing.assert_allclose(losses(compiled), losses(eager), rtol=1e-6, atol=1e-7)
     assert_close_weights(weights(compiled_components.unet), weights(eager_components.unet), atol=1e-6)

@@ -37,6 +37,7 @@ from harness.throughput import payback_for, training_key
 log = logging.getLogger(__name__)
 
 ATTRIBUTE = "_harness_compiled"  # the TrainingCompile a UNet is compiled with (absent: not compiled)
+SHAPES = "_harness_compiled_shapes"  # the training shapes (training_shape) it was compiled for so far
 REPEATED_BLOCKS = ("BasicTransformerBlock",)  # UNet2DConditionModel's repeated blocks (diffusers' _repeated_blocks)
 
 
@@ -68,6 +69,22 @@ def compiled_with(unet: torch.nn.Module) -> TrainingCompile | None:
     return getattr(unet, ATTRIBUTE, None)
 
 
+def training_shape(spec: TrainSpec, method: Method) -> tuple:
+    """What makes the compiled UNet compile again: the batch, the resolution, checkpointing, precision, the method
+    and its settings. Runs of one shape share one compilation."""
+    return (spec.batch_size * (2 if spec.uses_prior else 1), spec.resolution, spec.gradient_checkpointing,
+            spec.mixed_precision, method.name, method.describe())
+
+
+def is_warm(unet: torch.nn.Module, variant: TrainingCompile, shape: tuple) -> bool:
+    """True when `unet` is compiled with `variant` and already ran `shape`: nothing left to compile."""
+    return compiled_with(unet) == variant and shape in getattr(unet, SHAPES, set())
+
+
+def note_shape(unet: torch.nn.Module, shape: tuple) -> None:
+    setattr(unet, SHAPES, getattr(unet, SHAPES, set()) | {shape})
+
+
 def compile_unet(unet: torch.nn.Module, variant: TrainingCompile) -> bool:
     """Compiles `unet` in place for training with `variant`; False when it already was (nothing to do)."""
     current = compiled_with(unet)
@@ -96,8 +113,9 @@ def uncompile(unet: torch.nn.Module) -> None:
     for module in unet.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
-    if hasattr(unet, ATTRIBUTE):
-        delattr(unet, ATTRIBUTE)
+    for name in (ATTRIBUTE, SHAPES):
+        if hasattr(unet, name):
+            delattr(unet, name)
 
 
 def decide_training(spec: TrainSpec, method: Method, unet: torch.nn.Module, device: torch.device,
@@ -109,5 +127,5 @@ def decide_training(spec: TrainSpec, method: Method, unet: torch.nn.Module, devi
     payback = payback_for("training", training_key(spec.method, spec.memory_mode, spec.gradient_checkpointing), gpu)
     unsupported = method.compile_problem or compiler_problem(device.type)
     decision = decide(spec.compile, device.type, max(steps, study_work().training_steps), payback, "steps",
-                      warm=compiled_with(unet) == variant, unsupported=unsupported)
+                      warm=is_warm(unet, variant, training_shape(spec, method)), unsupported=unsupported)
     return decision, variant if decision.compile else None

@@ -47,7 +47,14 @@ from harness.records import CHECKPOINT_FILE, TRAIN_STAGE, TrainRecord, read_trai
 from harness.store import RunFolder
 from harness.timings import count
 from harness.trainer.checkpoints import load_checkpoint, restore_checkpoint, save_checkpoint, usable_checkpoint
-from harness.trainer.compiled import TrainingCompile, compile_unet, compiled_with, decide_training
+from harness.trainer.compiled import (
+    TrainingCompile,
+    compile_unet,
+    compiled_with,
+    decide_training,
+    note_shape,
+    training_shape,
+)
 from harness.trainer.optimizers import MEMORY_MODES, choose_optimizer
 from harness.trainer.randomness import StepInputs, draw_step_inputs
 from harness.trainer.session import PendingLoss, StepClock, TrainingSession, read_losses
@@ -115,6 +122,8 @@ def start_session(method: Method, components: Components, data: TrainingData, de
     params = method.prepare(components, device)
     speedups = speedups or default_speedups(device)
     apply_speedups(components.unet, device, speedups)
+    if speedups.compile is not None:
+        note_shape(components.unet, training_shape(spec, method))
     offload_frozen(method, components)
     factory, label = choose_optimizer(spec.optimizer, device)
     scaler = torch.amp.GradScaler(device.type) if spec.mixed_precision == "fp16" else None
