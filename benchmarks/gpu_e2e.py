@@ -45,7 +45,7 @@ grid:
 
 def save_random_sd15(folder: Path) -> None:
     import torch
-    from bench_train import build_sd15_components
+    from benchlib import build_sd15_components
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     if (folder / "model_index.json").is_file():

@@ -28,10 +28,12 @@ from typing import TYPE_CHECKING, Any, Union
 from PIL import Image
 
 from harness.config import ClassImageSpec, ModelSpec
+from harness.config.fields import in_identity
 from harness.data import InstanceDataError, check_image_files, folder_digest, list_instance_files, prepare_image
 from harness.grid import RunSpec
 from harness.progress import bar
 from harness.store import atomic_path, atomic_write_json, discard, file_digest, png_problem, read_json, text_digest
+from harness.timings import count
 
 if TYPE_CHECKING:  # torch and diffusers load only when images are generated: planning stays light
     import torch
@@ -60,8 +62,10 @@ class PoolSpec:
     def identity(self) -> dict[str, Any]:
         if self.from_folder:  # the photos and the size they are prepared at; no model, prompt or sampler
             return {"version": POOL_VERSION, "source": "folder", "digest": self.digest, "resolution": self.resolution}
-        # Fields added after version 1 (the source and its folder) stay out, so existing pools keep their keys.
-        sampler = {k: v for k, v in asdict(self.sampler).items() if k not in ("batch_size", "source", "dir")}
+        # Fields added after version 1 (the source and its folder) stay out, so existing pools keep their keys; the
+        # batch size and compilation never change an image.
+        sampler = {k: v for k, v in asdict(self.sampler).items()
+                   if in_identity(ClassImageSpec, k) and k not in ("source", "dir")}
         return {
             "version": POOL_VERSION,
             "model": {"id": self.model.id, "revision": self.model.revision, "dtype": self.model.dtype},
@@ -277,16 +281,15 @@ def generate_images(
     `aligned_batch`); the other images of such a batch are saved too when they are not on disk yet."""
     import torch
 
-    from harness.models import make_pipeline
     from harness.sampling import default_batch_size
 
     device = torch.device(device)
-    pipe = make_pipeline(components, pool.sampler.sampler)
     batch = batch_size or default_batch_size(device, pool.resolution)
     pending = sorted(set(indices))
     images_bar = bar(total=len(pending), desc=f"class images {pool.prompt!r}", leave=True)
     # PNG encoding runs in threads (zlib releases the GIL) while the GPU renders the next batch.
-    with _inference_placement(components, device), torch.inference_mode(), ThreadPoolExecutor(SAVE_THREADS) as writers:
+    with _pipeline(pool, folder, components, device, batch, len(pending)) as (pipe, recipe), \
+            torch.inference_mode(), ThreadPoolExecutor(SAVE_THREADS) as writers:
         saving: list[Future] = []
         while pending:
             chunk = aligned_batch(pending[0], batch)
@@ -298,11 +301,12 @@ def generate_images(
                 batch = _halve_batch(batch, explicit=batch_size is not None)
                 continue
             _wait(saving, images_bar)  # the previous batch: at most two batches of images wait in memory
-            saving = [writers.submit(save_image, folder, pool, index, image, batch)
+            saving = [writers.submit(save_image, folder, pool, index, image, batch, recipe.name)
                       for index, image in zip(chunk, images, strict=True) if not is_present(folder, index)]
             pending = [i for i in pending if i not in chunk]
         _wait(saving, images_bar)
     images_bar.close()
+    count(len(indices), "images")
 
 
 def _wait(futures: list[Future], images_bar: Any) -> None:
@@ -329,13 +333,50 @@ def render_images(pipe, pool: PoolSpec, indices: list[int], device: torch.device
                   pool.sampler.steps, pool.sampler.guidance_scale, device, pool.sampler.negative_prompt)
 
 
-def save_image(folder: Path, pool: PoolSpec, index: int, image: Image.Image, batch_size: int) -> None:
+def save_image(folder: Path, pool: PoolSpec, index: int, image: Image.Image, batch_size: int,
+               render: str = "eager") -> None:
     png = image_path(folder, index)
     with atomic_path(png) as tmp:
         image.save(tmp, format="PNG")
     atomic_write_json(sidecar_path(png), {"index": index, "seed": pool.image_seed(index), "prompt": pool.prompt,
                                           "negative_prompt": pool.sampler.negative_prompt, "pool": pool.key,
-                                          "batch_size": batch_size, "bytes": png.stat().st_size})
+                                          "batch_size": batch_size, "render": render,
+                                          "bytes": png.stat().st_size})
+
+
+def _pipeline(pool: PoolSpec, folder: Path, components: Components, device: torch.device, batch: int,
+              count: int) -> contextlib.AbstractContextManager:
+    """(pipeline, recipe used) for the pool: the recipe its images were rendered with, else `class_images.compile`
+    resolved for `count` images (harness/inference.py). Aligned batches are always whole, so shapes never change."""
+    import torch
+
+    from harness.inference import choose_recipe, recipe_pipeline
+    from harness.models import make_pipeline
+
+    recorded = next((r for r in _sidecars(folder) if isinstance(r.get("batch_size"), int)), None)
+    recipe, _ = choose_recipe(None if recorded is None else recorded.get("render", "eager"), pool.sampler.compile,
+                              device, count, "sampling.class", (batch, pool.resolution))
+
+    @contextlib.contextmanager
+    def eager_pipeline():
+        with _inference_placement(components, device):
+            yield make_pipeline(components, pool.sampler.sampler)
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return recipe_pipeline(components, components.unet, pool.sampler.sampler, device, dtype, recipe,
+                           (batch, pool.resolution), eager_pipeline)
+
+
+def _sidecars(folder: Path) -> Iterator[dict[str, Any]]:
+    for sidecar in sorted(Path(folder).glob("*.json")):
+        if sidecar.name == MANIFEST:
+            continue
+        try:
+            record = read_json(sidecar)
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            yield record
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from harness.metrics import (
 )
 from harness.perceptual import LpipsNetwork
 from harness.records import scores_header, scores_name, scores_record, write_scores
+from harness.timings import count
 
 LPIPS_CACHE = "lpips"
 
@@ -182,6 +183,7 @@ def samples_record(
     """The scores.json record of a snapshot or of the base model."""
     started = time.perf_counter()
     results, table = score_samples(scorer, samples, real_paths, subject)
+    count(len(samples), "images")
     images = [{"path": s["path"], "prompt": s["prompt"], "prompt_kind": s["prompt_kind"], "seed": int(s["seed"])}
               for s in samples]
     return _record(scorer, _header(kind, protocol, subject, run_key, step), results, images, table, sampler,

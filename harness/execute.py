@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from harness.backbones import BackboneUnavailableError
-from harness.backends import ModelUnavailableError, load_components
+from harness.backends import ModelUnavailableError
 from harness.class_images import pool_for
 from harness.evaluator import samples_record, write_record
 from harness.grid import RunSpec
@@ -46,8 +46,8 @@ from harness.study import Study
 if TYPE_CHECKING:
     import torch
 
+    from harness.config import ModelSpec
     from harness.models import Components
-    from harness.trainer import StepLoss
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,8 @@ def snapshot_callback(study: Study, folder: RunFolder) -> Callable[[int, torch.n
     return on_snapshot
 
 
-def step_callback(study: Study) -> Callable[[StepLoss, int], None]:
-    return lambda loss, end_step: study.reporter.train_step(loss.step, end_step, loss.instance)
+def step_callback(study: Study) -> Callable[[int, int, float | None], None]:
+    return study.reporter.train_step
 
 
 def training_data(study: Study, run: RunSpec, components: Components):
@@ -152,8 +152,8 @@ def execute_run(study: Study, run: RunSpec) -> tuple[str, str]:
 
         study.reporter.activity("load model")
         with study.timings.phase("load model"), failing_phase("prepare"):
-            # fp32 master weights for training, loaded as published rather than rounded through fp16
-            components = load_components(run.model, dtype=torch.float32)
+            # fp32 master weights as published, restored in place into the last run's modules when it can
+            components = training_components(run.model)
         study.reporter.activity("caches (latents, text)")
         with study.timings.phase("caches (latents, text)"), failing_phase("prepare"):
             data = training_data(study, run, components)
@@ -178,6 +178,13 @@ def train(*args: Any, **kwargs: Any) -> Any:
     from harness.trainer import train as train_run
 
     return train_run(*args, **kwargs)
+
+
+def training_components(model: ModelSpec) -> Components:
+    """The model's float32 components for training (harness.trainer.reuse), imported on first use."""
+    from harness.trainer import training_components as reused
+
+    return reused(model)
 
 
 def record_failure(study: Study, run: RunSpec, error: BaseException) -> str:

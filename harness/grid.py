@@ -123,9 +123,9 @@ def _class_image_identity(spec: ClassImageSpec | None, class_digest: str | None)
     if spec.from_folder:
         # The folder's content, not its place; generation settings mean nothing for it.
         return {"source": "folder", "digest": class_digest}
-    # The batch size does not change the images: every image is generated from its own seed. The source and its
-    # folder came later and are left out for generated pools, so existing keys stay.
-    return {k: v for k, v in asdict(spec).items() if k not in ("batch_size", "source", "dir")}
+    # The batch size and compilation do not change the images: every image is generated from its own seed. The
+    # source and its folder came later and are left out for generated pools, so existing keys stay.
+    return {k: v for k, v in asdict(spec).items() if in_identity(ClassImageSpec, k) and k not in ("source", "dir")}
 
 
 def run_key(identity: dict[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """The plan of a protocol: its runs, the pools and caches they share, and the work it costs.
 
 `make_plan` is cheap (no model, no GPU): it validates the instance folders, expands the grid and counts the work.
-`format_plan` renders it for `--dry-run`. Nothing is executed here.
+`format_plan` renders it for `--dry-run`, with the time it should take on this machine's GPU (harness/throughput.py).
+Nothing is executed here.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from harness.backbones import BACKBONES
-from harness.backends import backend_of
+from harness.backends import HUB, backend_name, backend_of
 from harness.class_images import PoolSpec, check_class_folder, plan_pools, pool_for
 from harness.config import Protocol
 from harness.data import check_instances, list_instance_files
 from harness.grid import RunSpec, WorkEstimate, column_name, estimate_work, expand
 from harness.metrics import features_for
 from harness.prompts import class_prompts, subject_prompts
+from harness.throughput import estimate_lines
 
 
 class UnknownRunError(ValueError):
@@ -149,6 +151,7 @@ def format_plan(plan: Plan) -> str:
         f"  images to generate: {w.class_images} class + {w.eval_images} evaluation + {w.base_model_images} base "
         f"model = {w.images}",
     ]
+    lines += ["", *estimate_lines(p, plan.runs, w, model_is_sd15=backend_name(p.model.id) == HUB)]
     if plan.warnings:
         lines += ["", "Notes:"] + [f"  - {m}" for m in plan.warnings]
     return "\n".join(lines)

@@ -94,6 +94,7 @@ class WorkerStatus:
     message_count: int = 0  # messages ever sent (the list keeps the last MAX_MESSAGES)
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds per phase
     cpu_timings: dict[str, float] = field(default_factory=dict)  # CPU seconds per phase
+    phase_work: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> unit -> amount (images, steps)
     updated: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
@@ -132,6 +133,7 @@ class Reporter:
         if self._timings is not None:
             self.status.timings = dict(self._timings.seconds)
             self.status.cpu_timings = dict(self._timings.cpu_seconds)
+            self.status.phase_work = {phase: dict(units) for phase, units in self._timings.work.items()}
         self._publish(self.status)
 
     # -- runs --------------------------------------------------------------------------------------------------

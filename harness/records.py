@@ -102,6 +102,8 @@ class TrainRecord:
     # Bytes of the export: its size on disk when the run was saved (save: final), else what its tensors would take
     # in fp16 (the export's format); None: written before this was recorded.
     artifact_bytes: int | None = None
+    compiled: str | None = None  # how the UNet was compiled for training (harness/trainer/compiled.py); None: eager
+    warmup_seconds: float | None = None  # the first steps of this process, compilation included
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

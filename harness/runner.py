@@ -17,6 +17,7 @@ import time
 from harness.config import Protocol
 from harness.devices import resolve_device
 from harness.executors import EXECUTORS, ExecutionError, StudyJob
+from harness.fastpath import expect_study
 from harness.ownership import claim_outputs
 from harness.plan import make_plan, select_runs
 from harness.progress import longest_first
@@ -30,6 +31,7 @@ def run_protocol(protocol: Protocol, only: tuple[str, ...] = (), report_only: bo
         resolve_device(device)  # a device this machine lacks is a setup error, found before any file is written
     claim_outputs(protocol)  # another protocol file of the same name would have its outputs overwritten
     plan = make_plan(protocol)
+    expect_study(plan.work)  # lets `compile: auto` amortise compilation over the whole grid
     for note in plan.warnings:
         print(f"note: {note}")
     runs = list(select_runs(plan, only))

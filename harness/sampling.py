@@ -2,8 +2,10 @@
 
 `eval_requests` lists what to generate for a subject (subject prompts x seeds, class prompts x seeds);
 `generate` renders the missing ones in batches and writes each as a PNG with a JSON sidecar (prompt, seed, run key,
-step, sampler, the PNG's size). Every image has its own generator, so an image never depends on the batch it was
-rendered in, and a sampling pass killed half way resumes image by image; a damaged image is rendered again.
+step, sampler, batch size, recipe, the PNG's size). Every image has its own generator, so an image never depends on
+the batch it was rendered in, and a sampling pass killed half way resumes image by image; a damaged image is
+rendered again. `eval.compile` picks the recipe of a new folder (harness/inference.py: eager, or the compiled fast
+path); PNGs are encoded in threads while the GPU renders the next batch.
 
 What this module does not hold: scoring (evaluator.py) or training. torch and diffusers are imported by the functions
 that render, so listing requests and checking what is on disk stays light.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,13 +25,16 @@ from harness.config import EvalSpec, ModelSpec, SubjectSpec
 from harness.progress import bar
 from harness.prompts import class_prompts, subject_prompts
 from harness.store import atomic_path, atomic_write_json, discard, png_problem, read_json, text_digest
+from harness.timings import count
 
 if TYPE_CHECKING:
     import torch
 
+    from harness.inference import Recipe
     from harness.models import Components
 
 SAMPLES_VERSION = 1
+SAVE_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -139,57 +145,98 @@ def generate(
     batch_size: int | None = None,
     unet: torch.nn.Module | None = None,
     progress: str = "sampling",
+    compile: str | bool = "auto",
 ) -> int:
     """Renders the requests not yet on disk; returns how many were generated. `unet` overrides the model's UNet.
 
     Requests are rendered in aligned batches of their positions ([k*batch, (k+1)*batch)), and a folder keeps the
-    batch size its first images were rendered with, so an image re-rendered after a kill or a repair is the same,
-    pixel for pixel, as in an uninterrupted pass.
+    batch size and the recipe its first images were rendered with, so an image re-rendered after a kill or a repair
+    is the same, pixel for pixel, as in an uninterrupted pass. The compiled recipe pads the last batch to the full
+    size (copies of its last request, dropped) so that its shapes never change.
     """
     import torch
 
-    from harness.models import make_pipeline, placed, torch_dtype
+    from harness.inference import choose_recipe
+    from harness.models import torch_dtype
 
     device = torch.device(device)
     todo = missing(out_dir, requests)
     if not todo:
         return 0
     dtype = torch_dtype(dtype_name) if device.type == "cuda" else torch.float32
-    pipe = make_pipeline(components, settings.sampler)
-    if unet is not None:
-        pipe.unet = unet
-    batch = batch_size or recorded_batch(out_dir) or default_batch_size(device, settings.resolution)
+    recorded = read_recorded(out_dir)
+    batch = batch_size or recorded.get("batch_size") or default_batch_size(device, settings.resolution)
+    recipe, _ = choose_recipe(recorded.get("render"), compile, device, len(todo), "sampling.eval",
+                              (batch, settings.resolution))
     out_dir.mkdir(parents=True, exist_ok=True)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    # A UNet handed over by the trainer is already in place; the model's own UNet travels with the frozen parts.
-    # Modules are moved, never cast (autocast sets the precision): a cast there and back would round weights that
-    # are still training (a trained text encoder, a trained token embedding, adapters).
-    modules = [components.vae, components.text_encoder] + ([components.unet] if unet is None else [])
     wanted = set(todo)
     starts = sorted({requests.index(r) // batch * batch for r in todo})
-    with placed(modules, device), autocast, torch.inference_mode():
+    shape = (batch, settings.resolution)
+    with sampling_pipeline(components, unet, settings.sampler, device, dtype, recipe, shape) as (pipe, recipe), \
+            torch.inference_mode(), ThreadPoolExecutor(SAVE_THREADS) as writers:
         images_bar = bar(total=len(todo), desc=progress)
+        saving: list[Future] = []
         for start in starts:
             chunk = list(requests[start:start + batch])
-            images = _render(pipe, chunk, settings, device)
-            saved = [(r, image) for r, image in zip(chunk, images, strict=True) if r in wanted]
-            for request, image in saved:
-                _save(out_dir, request, image, settings, {**meta, "batch_size": batch})
-            images_bar.update(len(saved))
+            padded = chunk + [chunk[-1]] * (batch - len(chunk)) if recipe.compile else chunk
+            images = _render(pipe, padded, settings, device)[: len(chunk)]
+            _wait(saving, images_bar)  # the previous batch: at most two batches of images wait in memory
+            sidecar_meta = {**meta, "batch_size": batch, "render": recipe.name}
+            saving = [writers.submit(_save, out_dir, request, image, settings, sidecar_meta)
+                      for request, image in zip(chunk, images, strict=True) if request in wanted]
+        _wait(saving, images_bar)
         images_bar.close()
+    count(len(todo), "images")
     return len(todo)
+
+
+def sampling_pipeline(components: Components, unet: torch.nn.Module | None, sampler: str, device: torch.device,
+                      dtype: torch.dtype, recipe: Recipe, shape: tuple[int, int]) -> contextlib.AbstractContextManager:
+    """(pipeline, recipe used) for the duration, its modules in place (harness/inference.py)."""
+    import torch
+
+    from harness.inference import recipe_pipeline
+    from harness.models import make_pipeline, placed
+
+    @contextlib.contextmanager
+    def eager_pipeline():
+        pipe = make_pipeline(components, sampler)
+        if unet is not None:
+            pipe.unet = unet
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        # A UNet handed over by the trainer is already in place; the model's own UNet travels with the frozen parts.
+        # Modules are moved, never cast (autocast sets the precision): a cast there and back would round weights that
+        # are still training (a trained text encoder, a trained token embedding, adapters).
+        modules = [components.vae, components.text_encoder] + ([components.unet] if unet is None else [])
+        with placed(modules, device), autocast:
+            yield pipe
+
+    return recipe_pipeline(components, unet or components.unet, sampler, device, dtype, recipe, shape,
+                           eager_pipeline)
+
+
+def _wait(futures: list[Future], images_bar: Any) -> None:
+    for future in futures:
+        future.result()  # re-raises a failed write
+    images_bar.update(len(futures))
+
+
+def read_recorded(out_dir: Path) -> dict[str, Any]:
+    """What the folder's images were rendered with (batch_size, render), from their sidecars; {} for a new folder."""
+    for path in sorted(Path(out_dir).glob("*.json")) if Path(out_dir).is_dir() else []:
+        try:
+            record = read_json(path)
+        except (OSError, ValueError):
+            continue
+        batch = record.get("batch_size") if isinstance(record, dict) else None
+        if isinstance(batch, int) and batch > 0:
+            return {"batch_size": batch, "render": record.get("render", "eager")}
+    return {}
 
 
 def recorded_batch(out_dir: Path) -> int | None:
     """The batch size the folder's images were rendered with, from their sidecars (None for a new folder)."""
-    for path in sorted(Path(out_dir).glob("*.json")) if Path(out_dir).is_dir() else []:
-        try:
-            batch = read_json(path).get("batch_size")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(batch, int) and batch > 0:
-            return batch
-    return None
+    return read_recorded(out_dir).get("batch_size")
 
 
 def _render(pipe, chunk: Sequence[SampleRequest], settings: SamplerSettings, device: torch.device) -> list:

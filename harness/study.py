@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from harness.progress import Reporter
 from harness.records import snapshot_dir as record_snapshot_dir
 from harness.sampling import SamplerSettings, base_samples_key, sampler_settings, samples_key
 from harness.store import RunFolder, RunStore, lock_file
+from harness.timings import Timings
 
 if TYPE_CHECKING:
     import torch
@@ -36,45 +36,6 @@ if TYPE_CHECKING:
     from harness.models import Components
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Timings:
-    """Wall-clock and CPU seconds (every thread of the process) per phase. Phases nest (sampling happens inside
-    training); each second counts once, in the innermost phase, so the phases add up to the total. On a shared
-    machine the wall clock says how busy the others were; the CPU seconds say what the phase cost."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    cpu_seconds: dict[str, float] = field(default_factory=dict)
-    _inner: list[tuple[float, float]] = field(default_factory=list)
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        started, cpu_started = time.perf_counter(), time.process_time()
-        self._inner.append((0.0, 0.0))
-        try:
-            yield
-        finally:
-            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-            nested, nested_cpu = self._inner.pop()
-            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - nested
-            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + cpu - nested_cpu
-            if self._inner:
-                outer, outer_cpu = self._inner[-1]
-                self._inner[-1] = (outer + elapsed, outer_cpu + cpu)
-
-    def add(self, seconds: dict[str, float], cpu_seconds: dict[str, float] | None = None) -> None:
-        """Adds another process's phases (a worker's) to these."""
-        for mine, theirs in ((self.seconds, seconds), (self.cpu_seconds, cpu_seconds or {})):
-            for name, value in theirs.items():
-                mine[name] = mine.get(name, 0.0) + float(value)
-
-    def table(self) -> str:
-        total, total_cpu = sum(self.seconds.values()), sum(self.cpu_seconds.values())
-        lines = [f"  {name:<28} {sec:9.1f} s {self.cpu_seconds.get(name, 0.0):9.1f} s"
-                 for name, sec in self.seconds.items()]
-        return "\n".join([f"Time per phase:{'wall':>24} {'CPU':>11}", *lines,
-                          f"  {'total':<28} {total:9.1f} s {total_cpu:9.1f} s"])
 
 
 @dataclass

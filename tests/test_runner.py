@@ -148,7 +148,7 @@ def test_report_only_rebuilds_outputs_without_models_or_backbones(study, monkeyp
     monkeypatch.chdir(study)
     monkeypatch.setattr("harness.embedders.make_embedders", forbidden)
     monkeypatch.setattr("harness.study.load_components", forbidden)
-    monkeypatch.setattr(execute, "load_components", forbidden)
+    monkeypatch.setattr(execute, "training_components", forbidden)
     assert main(["protocols/smoke.yaml", "--report-only"]) == 0
     assert runs_csv.read_bytes() == before
     assert (study / "reports" / "smoke" / "report.md").is_file()

@@ -118,7 +118,7 @@ def test_tiny_model_overfits_a_fixed_batch(tmp_path, monkeypatch, memory_mode):
     monkeypatch.setattr(trainer, "draw_step_inputs", lambda *args: fixed)
     before = trainer.compute_loss(session, fixed).total.item()
     for _ in range(30):
-        last = trainer.advance(session)
+        last = trainer.advance(session).read()
     assert last.step == 30 and last.prior is None
     assert last.instance < before / 50, (before, last.instance)
 
@@ -224,7 +224,7 @@ def test_learning_rate_schedule_drives_every_optimizer():
 def test_mixed_precision_bf16_keeps_float32_weights(tmp_path):
     run = make_run(tmp_path, mixed_precision="bf16")
     session = start(run, build_tiny_components(), synthetic_data(), "cpu")
-    loss = trainer.advance(session)
+    loss = trainer.advance(session).read()
     assert np.isfinite(loss.instance) and np.isfinite(loss.prior)
     assert {p.dtype for p in session.components.unet.parameters()} == {torch.float32}
 
@@ -236,7 +236,7 @@ def test_text_encoder_training_v_prediction_and_min_snr(tmp_path):
     components.scheduler_config["prediction_type"] = "v_prediction"
     before = weights(components.text_encoder)
     session = start(run, components, synthetic_data(), "cpu")
-    loss = trainer.advance(session)
+    loss = trainer.advance(session).read()
     assert np.isfinite(loss.instance) and np.isfinite(loss.prior)
     after = weights(components.text_encoder)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the encoder was trained

@@ -111,6 +111,8 @@ class TrainSpec:
     offset_noise: float = rule(0.0, min=0, below=1, hint="0.05-0.1 are usual")
     checkpoint_every: int | None = rule(None, min=1, null="no checkpoints", identity=False)
     save: Literal["none", "final"] = rule("none", identity=False)
+    # torch.compile of the phase: `auto` where it pays back (harness/fastpath.py), true, false; never in an identity
+    compile: Literal["auto"] | bool = rule("auto", identity=False)
 
     @property
     def uses_prior(self) -> bool:
@@ -135,8 +137,11 @@ class ClassImageSpec:
     steps: int = rule(50, min=1)
     guidance_scale: float = rule(7.5, min=0)
     seed: int = rule(0, min=0)
-    batch_size: int | None = rule(None, min=1, null="automatic")  # None: the largest batch that fits
+    # Neither changes which images a pool holds (each image has its own seed), so neither is part of its identity.
+    batch_size: int | None = rule(None, min=1, null="automatic", identity=False)  # None: the largest that fits
     negative_prompt: str = ""
+    # torch.compile of the phase: `auto` where it pays back (harness/fastpath.py), true, false; never in an identity
+    compile: Literal["auto"] | bool = rule("auto", identity=False)
     source: Literal["generated", "folder"] = "generated"
     dir: Path | None = None  # the folder of class images with source: folder (relative to the protocol file)
 
@@ -171,6 +176,7 @@ class EvalSpec:
     lpips_net: Literal["alex", "vgg"] = "alex"  # the LPIPS trunk of div_lpips*; AlexNet, as its authors advise
     bootstrap_samples: int = rule(1000, min=100, hint="fewer gives no usable interval")
     max_subject_prompts: int | None = rule(None, min=1, null="all")  # None: all prompts of the list
+    compile: Literal["auto"] | bool = "auto"  # evaluation and base-model sampling (harness/fastpath.py)
 
 
 @dataclass(frozen=True)

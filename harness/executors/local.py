@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from harness.grid import RunSpec
     from harness.plan import Plan
     from harness.progress import WorkerStatus
-    from harness.study import Timings
+    from harness.timings import Timings
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def run_workers(job: StudyJob, slots: list[Slot]) -> StudyOutcome:
         finally:
             pool.close()
         workers = pool.timings()
-        study.timings.add(workers.seconds, workers.cpu_seconds)
+        study.timings.add(workers.seconds, workers.cpu_seconds, workers.work)
         study.reporter = Reporter("collect", "cpu", publish=view.update)
         results, report = collect(job.plan, study)
         study.reporter.close()
@@ -317,13 +317,13 @@ class WorkerPool:
     def timings(self) -> Timings:
         """The phases of every worker, added up."""
         from harness.progress import read_status
-        from harness.study import Timings
+        from harness.timings import Timings
 
         total = Timings()
         for name in self.slot_of:
             status = read_status(self.status_path(name))
             if status is not None:
-                total.add(status.timings, status.cpu_timings)
+                total.add(status.timings, status.cpu_timings, status.phase_work)
         return total
 
     def close(self) -> None:
@@ -454,6 +454,11 @@ def _work(order: WorkerOrder, queue: Any) -> None:
     from harness.study import Study
 
     study = Study.open(order.protocol, order.slot.device, reporter)
+    from harness.fastpath import expect_study
+    from harness.grid import estimate_work
+
+    # compile: auto weighs compile time against the work this worker may be handed (the whole queue at most)
+    expect_study(estimate_work(order.protocol, list(order.runs), {}))
     reporter.follow_timings(study.timings)
     forward_logs(reporter)
     with reporting(reporter):

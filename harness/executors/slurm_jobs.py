@@ -23,7 +23,7 @@ from harness.executors import StudyFailedError, StudyJob, StudyOutcome
 from harness.executors.slurm_settings import WAIT_POLL_SECONDS, sbatch_parameters, setup_lines
 
 if TYPE_CHECKING:
-    from harness.study import Timings
+    from harness.timings import Timings
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,12 @@ class StudyTask(submitit.helpers.Checkpointable):
             return None
         if self.phase == "execute":
             from harness.execute import RunQueue, work
+            from harness.fastpath import expect_study
+            from harness.grid import estimate_work
 
-            work(study, RunQueue([self.order.runs[index]]))
+            run = self.order.runs[index]
+            expect_study(estimate_work(plan.protocol, [run], {}))  # compile: auto weighs this task's one run
+            work(study, RunQueue([run]))
             return None
         from harness.collect import collect
 
@@ -91,7 +95,7 @@ def _add_phase_timings(timings: Timings, status_dir: Path, but: str) -> None:
     for path in sorted(status_dir.glob("*.json")):
         status = read_status(path)
         if status is not None and status.worker != but:
-            timings.add(status.timings, status.cpu_timings)
+            timings.add(status.timings, status.cpu_timings, status.phase_work)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -49,6 +49,10 @@ class Method:
     train_defaults: ClassVar[Mapping[str, Any]] = {}
     # Settings that were part of the run identity before they became method settings: always in the identity.
     legacy_identity: ClassVar[frozenset[str]] = frozenset()
+    # Why this method's training cannot run compiled (harness/trainer/compiled.py), or None when it can. A method
+    # whose modules' structure changes mid-run, or that calls the UNet outside its forward, says so here and trains
+    # eager whatever `train.compile` asks.
+    compile_problem: ClassVar[str | None] = None
 
     def __init__(self, settings: Any, train: Any):
         self.settings = settings

@@ -26,8 +26,13 @@ from harness.metrics import metric_names
 SETTINGS_AFTER = "max_grad_norm"
 
 
+# Not columns: the method and the steps have their own; `compile` changes speed only (train.json records whether
+# a run trained compiled).
+NOT_TRAIN_COLUMNS = ("method", "steps", "compile")
+
+
 def common_train_columns() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainSpec) if f.name not in ("method", "steps")]
+    return [f.name for f in dataclasses.fields(TrainSpec) if f.name not in NOT_TRAIN_COLUMNS]
 
 
 def setting_columns() -> list[str]:

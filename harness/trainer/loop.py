@@ -14,6 +14,10 @@ Decisions worth knowing:
   torch.no_grad() and, on CUDA with mixed precision, under autocast (so an fp32 UNet samples with fp16/bf16 VAE and
   text encoder); the frozen modules go back to the CPU after it returns.
 - Weights are float32 (master weights) under bf16/fp16 autocast; fp16 also uses a GradScaler.
+- The fast path (compiled.py): `train.compile` decides whether the UNet trains compiled. Nothing in a step waits
+  for the GPU: inputs travel through pinned memory, the losses stay on the device and are read in batches (every
+  LOSS_READ_EVERY steps, at snapshots, checkpoints and the end), so the CPU queues the next step, optimizer update
+  included, while the GPU computes. train.json records the same losses as reading them every step would.
 - `train` takes ownership of `components`: they are trained in place (pass freshly loaded components per run).
   With `save: final` the method exports its result (fp16: a diffusers pipeline for DreamBooth, a LoRA file, Custom
   Diffusion's attention weights and token); train.json records its size on disk, or what it would take unsaved.
@@ -24,11 +28,11 @@ Nothing here generates class images, encodes images or prompts for the caches, o
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
-import statistics
 import time
-from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +40,37 @@ import torch
 
 from harness.caches import TrainingData
 from harness.config import TrainSpec
+from harness.fastpath import eager
 from harness.grid import RunSpec
 from harness.losses import LossParts, diffusion_target, min_snr_weights, prior_preservation_loss, signal_to_noise
 from harness.methods import Method, method_class
 from harness.models import Components, make_scheduler
 from harness.records import CHECKPOINT_FILE, TRAIN_STAGE, TrainRecord, read_train, write_train
 from harness.store import RunFolder
+from harness.timings import count
 from harness.trainer.checkpoints import load_checkpoint, restore_checkpoint, save_checkpoint, usable_checkpoint
+from harness.trainer.compiled import (
+    TrainingCompile,
+    compile_unet,
+    compiled_with,
+    decide_training,
+    note_shape,
+    training_shape,
+)
 from harness.trainer.optimizers import MEMORY_MODES, choose_optimizer
 from harness.trainer.randomness import StepInputs, draw_step_inputs, seed_global_rng
-from harness.trainer.session import StepLoss, TrainingSession
+from harness.trainer.session import PendingLoss, StepClock, TrainingSession, read_losses
+
+log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 2  # steps left out of the seconds-per-step figure (allocator and kernel warm-up)
+COMPILED_WARMUP_STEPS = 3  # compiled: compilation, then CUDA graphs run once to warm up and once to record
+LOSS_READ_EVERY = 100  # steps between two reads of the losses (each waits for the GPU to catch up)
 
 SnapshotCallback = Callable[[int, torch.nn.Module, Components], None]
-StepCallback = Callable[[StepLoss, int], None]  # each step's loss and the step training runs to, for progress
+# After each step, for progress: (the step reached, the step training runs to, the latest instance loss read back,
+# which lags by up to LOSS_READ_EVERY steps since losses stay on the device until then; None before the first read)
+StepCallback = Callable[[int, int, float | None], None]
 
 
 class TrainingOutOfMemoryError(RuntimeError):
@@ -61,18 +81,19 @@ class TrainingOutOfMemoryError(RuntimeError):
 class Speedups:
     """Performance options that do not change what is trained (beyond floating-point rounding).
 
-    benchmarks/bench_train.py toggles them; `default_speedups` holds what measured fastest there.
-    channels_last fights bitsandbytes, whose update makes every parameter contiguous again each step.
+    benchmarks/bench_train.py toggles them; `default_speedups` holds what measured fastest there, and `train`
+    adds the compilation `train.compile` asks for. channels_last fights bitsandbytes, whose update makes every
+    parameter contiguous again each step.
     """
 
     channels_last: bool = False
-    compile_unet: bool = False  # torch.compile of the UNet (minutes of compilation); never on a CPU
     cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms (a process-wide setting)
+    compile: TrainingCompile | None = None  # the UNet compiled for training (compiled.py); None: eager
 
 
 def default_speedups(device: torch.device | str) -> Speedups:
     """What measured fastest on an H100 (bench_train.py): cuDNN autotuning (about 13% a step); no channels_last
-    (slower); no compilation (minutes of compiling for a run of a few hundred steps)."""
+    (slower). Compilation is decided per run (compiled.decide_training)."""
     return Speedups(cudnn_benchmark=torch.device(device).type == "cuda")
 
 
@@ -104,7 +125,10 @@ def start_session(method: Method, components: Components, data: TrainingData, de
     if problems:
         raise ValueError(" ".join(f"{method.name}.{key}: {message}" for key, message in problems))
     params = method.prepare(components, device)
-    apply_speedups(components.unet, device, speedups or default_speedups(device))
+    speedups = speedups or default_speedups(device)
+    apply_speedups(components.unet, device, speedups)
+    if speedups.compile is not None:
+        note_shape(components.unet, training_shape(spec, method))
     offload_frozen(method, components)
     factory, label = choose_optimizer(spec.optimizer, device)
     scaler = torch.amp.GradScaler(device.type) if spec.mixed_precision == "fp16" else None
@@ -112,7 +136,8 @@ def start_session(method: Method, components: Components, data: TrainingData, de
     session = TrainingSession(spec=spec, method=method, components=components, data=data, device=device,
                               updater=updater, optimizer_label=label,
                               noise_scheduler=make_scheduler(components.scheduler_config, "ddpm"), scaler=scaler,
-                              trainable_params=sum(p.numel() for p in params))
+                              trainable_params=sum(p.numel() for p in params), compiled=speedups.compile,
+                              eager_unet=speedups.compile is None and compiled_with(components.unet) is not None)
     for kind, prompt, cached in _prompts(data, spec):
         if method.encodes_in_step(kind):
             session.tokens[kind] = _token_ids(components, prompt, device)
@@ -134,8 +159,8 @@ def _prompts(data: TrainingData, spec: TrainSpec) -> list[tuple[str, str, torch.
 def apply_speedups(unet: torch.nn.Module, device: torch.device, speedups: Speedups) -> None:
     if speedups.channels_last:
         unet.to(memory_format=torch.channels_last)
-    if speedups.compile_unet and device.type == "cuda":
-        unet.compile()
+    if speedups.compile is not None and compile_unet(unet, speedups.compile):
+        log.info("UNet compiled for training (%s); the first steps compile it", speedups.compile.describe())
     if speedups.cudnn_benchmark and device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -183,17 +208,21 @@ def compute_loss(session: TrainingSession, inputs: StepInputs) -> LossParts:
     return prior_preservation_loss(prediction, target, inputs.num_instance, spec.prior_loss_weight, weights)
 
 
-def advance(session: TrainingSession) -> StepLoss:
-    """One optimizer step (one instance batch plus, with a prior, one class batch)."""
+def advance(session: TrainingSession) -> PendingLoss:
+    """One optimizer step (one instance batch plus, with a prior, one class batch). Nothing here waits for the
+    GPU: the step's losses come back still on the device (`.read()` them, or `read_losses` many at once)."""
     seed_global_rng(session.spec.seed, session.step)  # dropout, if a method has any, replays too
     inputs = draw_step_inputs(session.data, session.spec, session.step, session.components.vae.config.scaling_factor,
                               session.noise_scheduler.config.num_train_timesteps, session.device)
     lr = session.updater.lr.current
-    parts = compute_loss(session, inputs)
-    session.updater.apply(parts.total)
+    with eager() if session.eager_unet else contextlib.nullcontext():
+        if session.compiled is not None and session.compiled.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse their buffers
+        parts = compute_loss(session, inputs)
+        session.updater.apply(parts.total)
     session.step += 1
-    return StepLoss(step=session.step, instance=parts.instance.item(),
-                    prior=None if parts.prior is None else parts.prior.item(), lr=lr)
+    return PendingLoss(step=session.step, instance=parts.instance.detach(),
+                       prior=None if parts.prior is None else parts.prior.detach(), lr=lr)
 
 
 def finish_session(session: TrainingSession) -> None:
@@ -296,36 +325,46 @@ def _train_until(
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    session = start_session(method, components, data, device, speedups)
+    session = start_session(method, components, data, device,
+                            speedups or run_speedups(run, method, components.unet, device, end_step))
     history: list[dict[str, Any]] = []
     state = load_checkpoint(folder, device)
     if usable_checkpoint(state, pending, end_step):
         history = restore_checkpoint(session, state)
     del state
     resumed_from = session.step
+    progress = _Progress(session, history, COMPILED_WARMUP_STEPS if session.compiled else WARMUP_STEPS)
     if session.step in pending:
-        hand_snapshot(session, on_snapshot)
-    durations = []
-    while session.step < end_step:
-        began = time.perf_counter()
-        loss = advance(session)
-        history.append(asdict(loss))
-        durations.append(time.perf_counter() - began)
-        if on_step is not None:
-            on_step(loss, end_step)
-        if _checkpoint_due(run.train, session.step):
-            save_checkpoint(session, folder, history)
-        if session.step in pending:
+        with progress.paused():
             hand_snapshot(session, on_snapshot)
+    while session.step < end_step:
+        progress.add(advance(session))
+        if on_step is not None:
+            on_step(session.step, end_step, history[-1]["instance"] if history else None)
+        if _checkpoint_due(run.train, session.step):
+            with progress.paused():
+                save_checkpoint(session, folder, history)
+        if session.step in pending:
+            with progress.paused():
+                hand_snapshot(session, on_snapshot)
+    progress.read()
+    count(session.step - resumed_from, "steps")
     finish_session(session)
+    clock = progress.clock
+    if session.compiled is not None and clock.warmup_seconds is not None:
+        log.info("run %s: the first %d steps took %.1f s, compiling the UNet (%s) included", run.run_key,
+                 clock.warm_at - resumed_from, clock.warmup_seconds, session.compiled.describe())
     result = TrainRecord(
-        run_key=run.run_key, final_step=session.step, seconds_per_step=_seconds_per_step(durations),
-        wall_seconds=0.0, peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        run_key=run.run_key, final_step=session.step,
+        seconds_per_step=clock.seconds_per_step(session.step - resumed_from), wall_seconds=0.0,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         optimizer=session.optimizer_label, memory_mode=run.train.memory_mode,
         mixed_precision=run.train.mixed_precision, resumed_from_step=resumed_from, loss_history=history,
         trainable_params=session.trainable_params,
         artifact_bytes=2 * method.export_elements(components, session.trainable_params),
+        compiled=None if session.compiled is None else session.compiled.describe(),
+        warmup_seconds=clock.warmup_seconds,
     )
     if folder.is_done(TRAIN_STAGE):
         return result  # a replay for snapshots sampled again: the stored result stays
@@ -350,9 +389,47 @@ def _checkpoint_due(spec: TrainSpec, step: int) -> bool:
     return bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0 and step < spec.steps
 
 
-def _seconds_per_step(durations: list[float]) -> float | None:
-    timed = durations[WARMUP_STEPS:] or durations[1:] or durations
-    return statistics.fmean(timed) if timed else None
+class _Progress:
+    """The losses and the step clock of one training call, brought up to date at synchronisation points only."""
+
+    def __init__(self, session: TrainingSession, history: list[dict[str, Any]], warmup_steps: int):
+        self.session, self.history = session, history
+        self.pending: list[PendingLoss] = []
+        self.clock = StepClock(session.device, session.step, warmup_steps)
+
+    def add(self, loss: PendingLoss) -> None:
+        self.pending.append(loss)
+        if self.session.step == self.clock.warm_at or self.session.step % LOSS_READ_EVERY == 0:
+            self.read()
+
+    def read(self) -> None:
+        """Waits for the GPU, moves the pending losses into the history and times the steps since the last read."""
+        self.history.extend(asdict(loss) for loss in read_losses(self.pending))
+        self.pending.clear()
+        _synchronize(self.session.device)
+        self.clock.lap(self.session.step)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Work that is not training (a snapshot, a checkpoint): the history is complete and the clock stopped."""
+        self.read()
+        paused_at = self.clock.pause()
+        yield
+        _synchronize(self.session.device)
+        self.clock.restart(self.session.step, paused_at)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_speedups(run: RunSpec, method: Method, unet: torch.nn.Module, device: torch.device,
+                 end_step: int) -> Speedups:
+    """The default speedups plus the compilation `train.compile` resolves to for this run (logged with why)."""
+    decision, variant = decide_training(run.train, method, unet, device, end_step)
+    log.info("run %s: training %s (%s)", run.run_key, "compiled" if variant else "eager", decision.reason)
+    return replace(default_speedups(device), compile=variant)
 
 
 def out_of_memory_message(spec: TrainSpec, method: Method, run_key: str, detail: str) -> str:

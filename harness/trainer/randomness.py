@@ -71,5 +71,13 @@ def draw_step_inputs(
     if spec.offset_noise > 0:
         noise = noise + spec.offset_noise * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
     timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator)
-    return StepInputs(latents=latents.to(device), noise=noise.to(device), timesteps=timesteps.to(device),
-                      num_instance=len(instance))
+    return StepInputs(latents=to_device(latents, device), noise=to_device(noise, device),
+                      timesteps=to_device(timesteps, device), num_instance=len(instance))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device` without waiting for the GPU: a copy from pageable memory would first wait for all the
+    work queued before it, a copy from pinned memory is queued like a kernel."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

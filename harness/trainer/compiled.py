@@ -1,0 +1,131 @@
+"""The training fast path: the UNet compiled for training with torch.compile, and the rule that turns it on.
+
+A profile of SD 1.5 training on an H100 (batch 1+1, bf16, AdamW8bit, checkpointing) showed 0.131 s of GPU work a
+step but ~7,100 kernel launches taking 0.27-0.37 s of CPU: the host, not the GPU, set the pace. A compiled UNet
+fuses the elementwise work between the large kernels and, with CUDA graphs (mode "reduce-overhead"), replays the
+forward and backward kernels with a handful of launches.
+
+Variants (`TrainingCompile`): `full` compiles the whole UNet as one graph (forward and backward); `regional`
+compiles only its repeated transformer blocks (diffusers' compile_repeated_blocks: one compilation serves every
+block of the same shapes, so it compiles in a fraction of the time). What `on` means per memory mode (ON):
+- fast: full, with CUDA graphs;
+- low_memory: regional, without CUDA graphs. A whole-model backward returns every gradient at the end of the graph,
+  which would undo low_memory's stepping and freeing each parameter as its gradient completes; per-block regions
+  hand their gradients to the hooks block by block.
+benchmarks/bench_train.py measures every variant; ON holds the choice.
+
+The UNet is compiled in place (nn.Module.compile, compile_repeated_blocks) and stays compiled, so the next run that
+reuses it (reuse.py) finds it warm. Whatever else calls it (eager sampling of a snapshot, a run with compile off)
+runs it under fastpath.eager(), which never compiles a second graph.
+
+What this module does not hold: the decision rule itself (harness/fastpath.py) or the loop (loop.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from harness.config import TrainSpec
+from harness.fastpath import Decision, compiler_problem, decide, study_work
+from harness.methods import Method
+from harness.throughput import payback_for, training_key
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTE = "_harness_compiled"  # the TrainingCompile a UNet is compiled with (absent: not compiled)
+SHAPES = "_harness_compiled_shapes"  # the training shapes (training_shape) it was compiled for so far
+REPEATED_BLOCKS = ("BasicTransformerBlock",)  # UNet2DConditionModel's repeated blocks (diffusers' _repeated_blocks)
+
+
+@dataclass(frozen=True)
+class TrainingCompile:
+    """How the UNet is compiled for training."""
+
+    scope: Literal["full", "regional"] = "full"
+    cuda_graphs: bool = True  # torch.compile mode "reduce-overhead"; without: mode "default"
+    backend: str = "inductor"  # tests use "aot_eager": the same tracing, no code generation
+
+    @property
+    def mode(self) -> str | None:
+        # Modes are an inductor notion; another backend takes none.
+        if self.backend != "inductor":
+            return None
+        return "reduce-overhead" if self.cuda_graphs else "default"
+
+    def describe(self) -> str:
+        graphs = "CUDA graphs" if self.cuda_graphs else "no CUDA graphs"
+        backend = "" if self.backend == "inductor" else f", backend {self.backend}"
+        return f"{self.scope} UNet, {graphs}{backend}"
+
+
+ON = {"fast": TrainingCompile("full", cuda_graphs=True), "low_memory": TrainingCompile("regional", cuda_graphs=False)}
+
+
+def compiled_with(unet: torch.nn.Module) -> TrainingCompile | None:
+    return getattr(unet, ATTRIBUTE, None)
+
+
+def training_shape(spec: TrainSpec, method: Method) -> tuple:
+    """What makes the compiled UNet compile again: the batch, the resolution, checkpointing, precision, the method
+    and its settings. Runs of one shape share one compilation."""
+    return (spec.batch_size * (2 if spec.uses_prior else 1), spec.resolution, spec.gradient_checkpointing,
+            spec.mixed_precision, method.name, method.describe())
+
+
+def is_warm(unet: torch.nn.Module, variant: TrainingCompile, shape: tuple) -> bool:
+    """True when `unet` is compiled with `variant` and already ran `shape`: nothing left to compile."""
+    return compiled_with(unet) == variant and shape in getattr(unet, SHAPES, set())
+
+
+def note_shape(unet: torch.nn.Module, shape: tuple) -> None:
+    setattr(unet, SHAPES, getattr(unet, SHAPES, set()) | {shape})
+
+
+def compile_unet(unet: torch.nn.Module, variant: TrainingCompile) -> bool:
+    """Compiles `unet` in place for training with `variant`; False when it already was (nothing to do)."""
+    current = compiled_with(unet)
+    if current == variant:
+        return False
+    if current is not None:
+        uncompile(unet)
+    options = {"backend": variant.backend, "dynamic": False}
+    if variant.mode:
+        options["mode"] = variant.mode
+    if variant.scope == "full":
+        unet.compile(**options)
+    elif hasattr(unet, "compile_repeated_blocks"):
+        unet.compile_repeated_blocks(**options)
+    else:  # a diffusers without regional compilation: the same blocks by hand
+        for module in unet.modules():
+            if type(module).__name__ in getattr(unet, "_repeated_blocks", REPEATED_BLOCKS):
+                module.compile(**options)
+    setattr(unet, ATTRIBUTE, variant)
+    return True
+
+
+def uncompile(unet: torch.nn.Module) -> None:
+    """Undoes compile_unet: every submodule called eagerly again (nn.Module.compile keeps its compiled callable in
+    `_compiled_call_impl`; torch has no public inverse)."""
+    for module in unet.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    for name in (ATTRIBUTE, SHAPES):
+        if hasattr(unet, name):
+            delattr(unet, name)
+
+
+def decide_training(spec: TrainSpec, method: Method, unet: torch.nn.Module, device: torch.device,
+                    steps: int) -> tuple[Decision, TrainingCompile | None]:
+    """Whether this run trains compiled, and with which variant: `train.compile` resolved for `steps` steps to go
+    (or the study's steps, when the runner announced them; harness/fastpath.py)."""
+    variant = ON[spec.memory_mode]
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    payback = payback_for("training", training_key(spec.method, spec.memory_mode, spec.gradient_checkpointing), gpu)
+    unsupported = method.compile_problem or compiler_problem(device.type)
+    decision = decide(spec.compile, device.type, max(steps, study_work().training_steps), payback, "steps",
+                      warm=is_warm(unet, variant, training_shape(spec, method)), unsupported=unsupported)
+    return decision, variant if decision.compile else None
