@@ -111,7 +111,7 @@ def figures_of(records: list[dict[str, Any]], origin: dict[str, Any]) -> dict[st
             continue
         if r["kind"] == "training" and r["variant"] in ("on", "eager"):
             path = "compiled" if r["variant"] == "on" else "eager"
-            key = training_key("dreambooth", r["mode"], r["gradient_checkpointing"])
+            key = training_key(r.get("method", "dreambooth"), r["mode"], r["gradient_checkpointing"])
             figure = {"seconds_per_step": round(r["seconds_per_step"], 4),
                       "peak_allocated_gib": _round(r["peak_allocated_gib"]),
                       "nvidia_smi_gib": _round(r.get("nvidia_smi_gib")),
@@ -218,8 +218,11 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
         if "error" in r:
             rows.append([r.get("job") or str(r.get("kind")), r["error"], "", ""])
         elif r["kind"] == "training":
-            what = (f"train {r['mode']}, checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, "
-                    f"{r['variant']}" + (f" ({r['compiled']})" if r["compiled"] else ""))
+            method = r.get("method", "dreambooth")
+            method = "" if method == "dreambooth" else f"{method} "
+            checkpointing = "on" if r["gradient_checkpointing"] else "off"
+            what = (f"train {method}{r['mode']}, checkpointing {checkpointing}, {r['variant']}"
+                    + (f" ({r['compiled']})" if r["compiled"] else ""))
             compile_s = "" if r["compile_seconds"] is None else f", compile ~{r['compile_seconds']:.0f} s"
             rows.append([what, f"{r['seconds_per_step']:.3f} s/step", f"{r['warmup_seconds']:.0f} s{compile_s}",
                          _gib(r["peak_allocated_gib"], r.get("nvidia_smi_gib"))])

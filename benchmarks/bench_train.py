@@ -175,8 +175,8 @@ def run_worker(payload: str) -> None:
 # Jobs and the table
 
 
-def training_job(device: str, tiny: bool, method: str, mode: str, checkpointing: bool, variant: str,
-                 steps: dict[str, int], backend: str) -> dict[str, Any]:
+def training_job(device: str, tiny: bool, mode: str, checkpointing: bool, variant: str, steps: dict[str, int],
+                 backend: str, method: str = "dreambooth") -> dict[str, Any]:
     return {"measure": "training", "device": device, "tiny": tiny, "resolution": 32 if tiny else 512,
             "method": method, "mode": mode, "gradient_checkpointing": checkpointing, "variant": variant,
             "backend": backend, **steps}
@@ -257,7 +257,7 @@ def jobs_of(args: argparse.Namespace) -> list[dict[str, Any]]:
                 raise SystemExit(f"--checkpointing: {ckpt!r} is neither on nor off.")
             for variant in args.variants.split(","):
                 compile_variant(variant, mode, backend)  # refuses unknown names before anything runs
-                jobs.append(training_job(device, args.tiny, method, mode, ckpt == "on", variant, steps, backend))
+                jobs.append(training_job(device, args.tiny, mode, ckpt == "on", variant, steps, backend, method))
     return jobs
 
 

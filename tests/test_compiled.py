@@ -149,9 +149,9 @@ def test_every_method_trains_compiled_as_it_trains_eager(tmp_path, fresh_state, 
         pytest.skip(f"{name} trains eager: {method.compile_problem}")
     spec = TrainSpec(method=name, steps=2, resolution=32, mixed_precision="no", num_class_images=3,
                      **dict(method.train_defaults))
-    settings = method.settings_type()
-    run = RunSpec(run_key=run_key(run_identity(SUBJECT, ModelSpec(id="tiny"), spec, settings, None, "0" * 64)),
-                  subject=SUBJECT, model=ModelSpec(id="tiny"), train=spec, method=settings, class_images=None,
+    settings, subject = method.bind_subject(method.settings_type(), SUBJECT)  # Custom Diffusion: its token
+    run = RunSpec(run_key=run_key(run_identity(subject, ModelSpec(id="tiny"), spec, settings, None, "0" * 64)),
+                  subject=subject, model=ModelSpec(id="tiny"), train=spec, method=settings, class_images=None,
                   snapshot_steps=(2,), instance_digest="0" * 64, varied=())
     eager = train_run(tmp_path, run, build_tiny_components(), None, "eager")
     compiled = train_run(tmp_path, run, build_tiny_components(), Speedups(compile=FULL), "compiled")
