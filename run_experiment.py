@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -84,16 +83,7 @@ def execution_overrides(args: argparse.Namespace) -> dict[str, object]:
     return values
 
 
-def passive_cpu_threads() -> None:
-    """Idle torch CPU threads sleep instead of spinning, unless OMP_WAIT_POLICY says otherwise. On a machine shared
-    with other jobs a spinning OpenMP thread holds the core its partner thread needs: a 2-thread UNet forward measured
-    0.4 s passive against 15 s spinning there. Scheduling only: which thread computes what, and so every number, is
-    the same. Read once, when torch loads, so this runs before anything imports torch."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def main(argv: list[str] | None = None) -> int:
-    passive_cpu_threads()
     args = parse_args(argv)
     from harness.config import ProtocolError, load_protocol, override_execution
     from harness.data import InstanceDataError

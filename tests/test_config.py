@@ -166,7 +166,8 @@ def test_local_model_folder_must_be_a_diffusers_pipeline(write_protocol, tmp_pat
     assert "neither a hub id" in msg and "'tiny'" in msg
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "prior_ablation.yaml"])
+@pytest.mark.parametrize("name", ["smoke.yaml", "prior_ablation.yaml", "toy_prior_ablation.yaml", "toy_methods.yaml",
+                                  "toy_methods_lr.yaml"])
 def test_shipped_protocols_are_valid(name):
     p = load_protocol(REPO / "protocols" / name)
     assert p.subjects[0].instance_dir.is_dir()

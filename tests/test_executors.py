@@ -82,6 +82,17 @@ def test_one_worker_per_gpu_each_pinned_to_its_own(monkeypatch):
     assert [s.name for s in worker_slots(ExecutionSpec(gpus=(1,), workers=2), None)] == ["gpu1.1", "gpu1.2"]
 
 
+def test_workers_sharing_the_cpu_get_sleeping_openmp_threads(monkeypatch):
+    from harness.executors.local import worker_environment
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    slot = Slot("gpu1", "cuda:0", "1")
+    assert worker_environment(slot, 2) == {"CUDA_VISIBLE_DEVICES": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert worker_environment(slot, 1) == {"CUDA_VISIBLE_DEVICES": "1", "OMP_WAIT_POLICY": None}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice is kept
+    assert worker_environment(slot, 2)["OMP_WAIT_POLICY"] is None
+
+
 def test_one_gpu_or_none_runs_in_this_process(monkeypatch):
     fake_gpus(monkeypatch, 1)
     assert worker_slots(ExecutionSpec(), None) == [Slot("gpu0", "cuda")]

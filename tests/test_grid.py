@@ -73,6 +73,8 @@ SHIPPED_KEYS = {
     "prior_ablation": ["22udk56f54d2", "bdqzdld3a5a5", "jz7lucgag5bz", "lxml3ojwcenm", "m3gtjc4bs3kn",
                        "qkjnydaabn6r", "uy27ikvua3vo"],
     "toy_prior_ablation": ["3xgpyl2uat2c", "muz5qqrslo7g", "nrk7fvcygilm", "nt2wtiv7qi3a"],
+    # DreamBooth's runs are the toy prior ablation's; LoRA's and Custom Diffusion's w=0 runs are the ladder's own.
+    "toy_methods": ["2elj2zpbpmfj", "d7r5k4s4rjnl", "ll7p5igecx4s", "nrk7fvcygilm", "nt2wtiv7qi3a", "nudzmu45wk2r"],
 }
 
 

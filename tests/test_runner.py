@@ -189,6 +189,45 @@ def test_a_rerun_with_nothing_to_do_says_so_at_once_and_loads_nothing_heavy(stud
     lines = done.stdout.splitlines()
     assert lines[0] == "protocols/smoke.yaml: checking the protocol and the images"
     assert "HEAVY []" in lines
-    assert "OMP PASSIVE" in lines  # idle CPU threads sleep unless the user chose otherwise
+    assert "OMP None" in lines  # one process alone keeps OpenMP's default (spinning is faster when nobody waits)
     assert sum("already done" in line for line in lines) == 3
     assert any(line.startswith("Time per phase:") and line.split()[-2:] == ["wall", "CPU"] for line in lines)
+
+
+@pytest.mark.slow
+def test_the_readmes_pandas_example_runs_as_written_after_the_quick_start(study):
+    """The README's CSV example, run where the quick start ran the smoke study, prints the DINO pivot."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("The CSVs load with a plain `pandas.read_csv`:")[1].split("```python\n")[1].split("```")[0]
+    done = subprocess.run([sys.executable, "-c", block], cwd=study, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "prior_loss_weight" in done.stdout and "num_class_images" in done.stdout
+
+
+@pytest.mark.slow
+def test_three_methods_on_one_grid_run_end_to_end_and_the_report_compares_them(tmp_path, monkeypatch):
+    """DreamBooth, LoRA and Custom Diffusion through the command, on the tiny model: every run finishes, each row
+    carries its method's settings and cost, Custom Diffusion's prompts name the subject with its token, and the
+    report has the method comparison."""
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    (tmp_path / "protocols").mkdir()
+    text = (REPO / "protocols" / "smoke.yaml").read_text()
+    text = text.replace("steps: [2, 4]\n  num_class_images: [2, 4]",
+                        "steps: [2]\n  method: [dreambooth, lora, custom_diffusion]")
+    (tmp_path / "protocols" / "smoke.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    assert main(["protocols/smoke.yaml"]) == 0
+    runs = pd.read_csv(tmp_path / "results" / "smoke" / "runs.csv")
+    assert sorted(runs["method"].unique()) == ["custom_diffusion", "dreambooth", "lora"]
+    assert set(runs["status"]) == {"ok"} and len(runs) == 6  # 3 methods x prior {0, 1}
+    by_method = runs.groupby("method")
+    assert by_method["trainable_params"].nunique().eq(1).all()
+    params = by_method["trainable_params"].first()
+    assert params["lora"] < params["custom_diffusion"] < params["dreambooth"]
+    assert runs.loc[runs.method == "lora", "rank"].eq(4).all() and runs.loc[runs.method != "lora", "rank"].isna().all()
+    images = pd.read_csv(tmp_path / "results" / "smoke" / "images.csv")
+    cd_keys = set(runs.loc[runs.method == "custom_diffusion", "run_key"])
+    cd_prompts = images.loc[images.run_key.isin(cd_keys) & (images.prompt_kind == "subject"), "prompt"]
+    assert len(cd_prompts) and cd_prompts.str.contains("<new1>").all()
+    report = (tmp_path / "reports" / "smoke" / "report.md").read_text()
+    assert "## Methods compared: dog" in report
