@@ -112,7 +112,8 @@ def snapshot_callback(study: Study, folder: RunFolder) -> Callable[[int, torch.n
             generate(components, eval_requests(run.subject, study.protocol.eval), study.snapshot_dir(folder, step),
                      study.settings(run.train.resolution), study.device, study.protocol.model.dtype,
                      meta={"run_key": run.run_key, "step": step, "model": study.protocol.model.id},
-                     batch_size=study.protocol.eval.batch_size, unet=unet, progress=f"sample step {step}")
+                     batch_size=study.protocol.eval.batch_size, unet=unet, progress=f"sample step {step}",
+                     compile=study.protocol.eval.compile)
         score_snapshot(study, folder, step, time.perf_counter() - started)
 
     return on_snapshot

@@ -99,7 +99,8 @@ def score_base_model(study: Study, subject: SubjectSpec, resolution: int) -> Pat
                 generate(study.base_components(), requests, folder, study.settings(resolution), study.device,
                          study.protocol.model.dtype,
                          meta={"run_key": None, "step": 0, "model": study.protocol.model.id},
-                         batch_size=study.protocol.eval.batch_size, progress=f"base model {subject.name}")
+                         batch_size=study.protocol.eval.batch_size, progress=f"base model {subject.name}",
+                         compile=study.protocol.eval.compile)
         seconds = {"sampling": time.perf_counter() - started}
         study.reporter.activity(f"score base model of {subject.name}")
         with study.timings.phase("scoring"):

@@ -231,3 +231,29 @@ def test_three_methods_on_one_grid_run_end_to_end_and_the_report_compares_them(t
     assert len(cd_prompts) and cd_prompts.str.contains("<new1>").all()
     report = (tmp_path / "reports" / "smoke" / "report.md").read_text()
     assert "## Methods compared: dog" in report
+
+
+@pytest.mark.slow
+def test_eval_compile_reaches_every_evaluation_render(tmp_path, monkeypatch):
+    """`eval.compile: false` (the way out of a failing compiled path) governs base-model and snapshot images."""
+    import harness.execute as execute_module
+    import harness.prepare as prepare_module
+
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    (tmp_path / "protocols").mkdir()
+    text = (REPO / "protocols" / "smoke.yaml").read_text()
+    text = text.replace("steps: [2, 4]\n  num_class_images: [2, 4]", "steps: [2]\n  num_class_images: [2]")
+    text = text.replace("  bootstrap_samples: 200\n", "  bootstrap_samples: 200\n  compile: false\n")
+    (tmp_path / "protocols" / "smoke.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    for module in (execute_module, prepare_module):
+        real = module.generate
+
+        def recording(*args, _real=real, **kwargs):
+            seen.append(kwargs.get("compile", "auto"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "generate", recording)
+    assert main(["protocols/smoke.yaml"]) == 0
+    assert len(seen) == 3 and set(seen) == {False}  # the base model, then each run's snapshot at step 2
