@@ -32,7 +32,7 @@ from harness.config.fields import in_identity
 from harness.data import InstanceDataError, check_image_files, folder_digest, list_instance_files, prepare_image
 from harness.grid import RunSpec
 from harness.progress import bar
-from harness.store import atomic_path, atomic_write_json, discard, file_digest, png_problem, read_json, text_digest
+from harness.store import atomic_path, atomic_write_json, discard, file_digest, image_is_whole, read_json, text_digest
 from harness.timings import count
 
 if TYPE_CHECKING:  # torch and diffusers load only when images are generated: planning stays light
@@ -167,21 +167,10 @@ def sidecar_path(png: Path) -> Path:
 
 
 def is_present(folder: Path, index: int) -> bool:
-    """Image `index` is complete: its sidecar (written after its PNG) exists and the PNG is whole, of the size the
-    sidecar records. A damaged image is removed with its sidecar (one log line), so it is rendered again."""
+    """Image `index` is complete: its sidecar exists and the PNG is whole (store.image_is_whole); a damaged one is
+    removed, so it is rendered again."""
     png = image_path(folder, index)
-    if not sidecar_path(png).is_file():
-        return False
-    try:
-        written = read_json(sidecar_path(png)).get("bytes")
-    except (OSError, ValueError, AttributeError):
-        discard("has a damaged sidecar", png, sidecar_path(png))
-        return False
-    problem = png_problem(png, written)
-    if problem:
-        discard(problem, png, sidecar_path(png))
-        return False
-    return True
+    return image_is_whole(png, sidecar_path(png))
 
 
 def missing_indices(folder: Path, n: int) -> list[int]:

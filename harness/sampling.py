@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from harness.config import EvalSpec, ModelSpec, SubjectSpec
 from harness.progress import bar
 from harness.prompts import class_prompts, subject_prompts
-from harness.store import atomic_path, atomic_write_json, discard, png_problem, read_json, text_digest
+from harness.store import atomic_path, atomic_write_json, image_is_whole, read_json, text_digest
 from harness.timings import count
 
 if TYPE_CHECKING:
@@ -92,22 +92,10 @@ def sidecar(path: Path) -> Path:
 
 
 def is_rendered(out_dir: Path, request: SampleRequest) -> bool:
-    """An image counts once its sidecar exists (the PNG is written first, the sidecar last) and the PNG is whole,
-    of the size the sidecar records; a damaged one is removed with its sidecar (one log line) and counts as not
-    rendered, so it is rendered again, pixel for pixel."""
+    """An image counts once it is whole (store.image_is_whole); a damaged one is removed and rendered again,
+    pixel for pixel."""
     png = out_dir / f"{request.stem}.png"
-    if not sidecar(png).is_file():
-        return False
-    try:
-        written = read_json(sidecar(png)).get("bytes")
-    except (OSError, ValueError, AttributeError):
-        discard("has a damaged sidecar", png, sidecar(png))
-        return False
-    problem = png_problem(png, written)
-    if problem:
-        discard(problem, png, sidecar(png))
-        return False
-    return True
+    return image_is_whole(png, sidecar(png))
 
 
 def missing(out_dir: Path, requests: Sequence[SampleRequest]) -> list[SampleRequest]:

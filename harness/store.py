@@ -141,6 +141,24 @@ def png_problem(path: Path, expected_bytes: int | None = None) -> str | None:
     return None
 
 
+def image_is_whole(png: Path, sidecar: Path) -> bool:
+    """A rendered image counts once its sidecar exists (the PNG is written first, the sidecar last) and the PNG is
+    whole, of the size the sidecar records; a damaged one is removed with its sidecar (one log line) and counts as
+    not rendered, so it is rendered again."""
+    if not sidecar.is_file():
+        return False
+    try:
+        written = read_json(sidecar).get("bytes")
+    except (OSError, ValueError, AttributeError):
+        discard("has a damaged sidecar", png, sidecar)
+        return False
+    problem = png_problem(png, written)
+    if problem:
+        discard(problem, png, sidecar)
+        return False
+    return True
+
+
 def discard(problem: str, path: Path, *companions: Path) -> None:
     """Removes a damaged derived file (and the files that describe it), named in one log line, so the stage that
     wrote it writes it again."""

@@ -35,7 +35,23 @@ class DreamBoothSettings:
     train_text_encoder: bool = False
 
 
-class DreamBooth(Method):
+class UNetAndOptionalTextEncoder:
+    """The modules of a method that trains (in full or through adapters) the UNet and, with its setting
+    `train_text_encoder`, the text encoder; both prompts then run through the encoder in every step."""
+
+    settings: Any
+
+    def trained_modules(self, components: Components) -> list[torch.nn.Module]:
+        return [components.unet, *([components.text_encoder] if self.settings.train_text_encoder else [])]
+
+    def frozen_modules(self, components: Components) -> list[torch.nn.Module]:
+        return [components.vae, *([] if self.settings.train_text_encoder else [components.text_encoder])]
+
+    def encodes_in_step(self, prompt_kind: str) -> bool:
+        return self.settings.train_text_encoder
+
+
+class DreamBooth(UNetAndOptionalTextEncoder, Method):
     name = "dreambooth"
     settings_type = DreamBoothSettings
     legacy_identity = frozenset({"train_text_encoder"})
@@ -58,15 +74,6 @@ class DreamBooth(Method):
                 enable_gradient_checkpointing(module)
             params += [p for p in module.parameters() if p.requires_grad]
         return params
-
-    def trained_modules(self, components: Components) -> list[torch.nn.Module]:
-        return [components.unet, *([components.text_encoder] if self.settings.train_text_encoder else [])]
-
-    def frozen_modules(self, components: Components) -> list[torch.nn.Module]:
-        return [components.vae, *([] if self.settings.train_text_encoder else [components.text_encoder])]
-
-    def encodes_in_step(self, prompt_kind: str) -> bool:
-        return self.settings.train_text_encoder
 
     def state_dict(self, components: Components) -> dict[str, Any]:
         return {"modules": [m.state_dict() for m in self.trained_modules(components)]}

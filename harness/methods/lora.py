@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from harness.config.schema import TrainSpec, rule
 from harness.methods import Method
 from harness.methods.dreambooth import (
+    UNetAndOptionalTextEncoder,
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
     frozen_dtype,
@@ -54,7 +55,7 @@ class LoRASettings:
         return float(self.rank if self.alpha is None else self.alpha)
 
 
-class LoRA(Method):
+class LoRA(UNetAndOptionalTextEncoder, Method):
     name = "lora"
     settings_type = LoRASettings
     train_defaults: ClassVar[dict[str, float]] = {"learning_rate": 1e-4}  # the diffusers LoRA example's documented rate
@@ -111,15 +112,6 @@ class LoRA(Method):
         if self.train.gradient_checkpointing:
             enable_gradient_checkpointing(module)
         return [p for p in module.parameters() if p.requires_grad]
-
-    def trained_modules(self, components: Components) -> list[torch.nn.Module]:
-        return [components.unet, *([components.text_encoder] if self.settings.train_text_encoder else [])]
-
-    def frozen_modules(self, components: Components) -> list[torch.nn.Module]:
-        return [components.vae, *([] if self.settings.train_text_encoder else [components.text_encoder])]
-
-    def encodes_in_step(self, prompt_kind: str) -> bool:
-        return self.settings.train_text_encoder
 
     def state_dict(self, components: Components) -> dict[str, Any]:
         from peft.utils import get_peft_model_state_dict
