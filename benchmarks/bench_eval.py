@@ -41,6 +41,7 @@ from benchlib import (
     markdown_table,
     out_dir,
     plain_table,
+    profile_steps,
     provenance,
     run_job,
     synchronize,
@@ -59,15 +60,31 @@ def recipe_of(name: str, backend: str):
 
     if name == EAGER:
         return RECIPES[EAGER]
-    if not name.startswith(COMPILED) or not re.fullmatch(r"([+-](fuse|cl|vae|graphs))*", name[len(COMPILED):]):
-        raise SystemExit(f"unknown recipe {name!r}: eager, compiled, or compiled with +/- fuse, cl, vae, graphs.")
+    flags = "fuse|cl|vae|graphs|autotune|tuned"
+    if not name.startswith(COMPILED) or not re.fullmatch(rf"([+-]({flags}))*", name[len(COMPILED):]):
+        raise SystemExit(f"unknown recipe {name!r}: eager, compiled, or compiled with +/- {flags.replace('|', ', ')}.")
     recipe = replace(RECIPES[COMPILED], backend=backend)
-    for sign, flag in re.findall(r"([+-])(fuse|cl|vae|graphs)", name[len(COMPILED):]):
+    for sign, flag in re.findall(rf"([+-])({flags})", name[len(COMPILED):]):
         if flag == "graphs":
             recipe = replace(recipe, mode="reduce-overhead" if sign == "+" else None)
+        elif flag == "autotune":
+            recipe = replace(recipe, mode="max-autotune-no-cudagraphs" if sign == "+" else None)
+        elif flag == "tuned" and sign == "+":
+            _tune_inductor()
         else:
             recipe = replace(recipe, **{FLAGS[flag]: sign == "+"})
     return recipe
+
+
+def _tune_inductor() -> None:
+    """Inductor settings diffusers' inference guide suggests for UNets (1x1 convolutions as matrix products,
+    coordinate-descent tuning of the generated kernels, no epilogue fusion), for this worker process."""
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    inductor.coordinate_descent_tuning = True
+    inductor.coordinate_descent_check_all_directions = True
+    inductor.epilogue_fusion = False
 
 
 def _use_recipe(name: str, backend: str) -> bool:
@@ -160,7 +177,8 @@ def measure_breakdown(opts: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
 
     from harness.inference import RECIPES
-    from harness.sampling import sampling_pipeline
+    from harness.sampling import sampling_pipeline, to_pil
+    from harness.store import PNG_COMPRESS_LEVEL
 
     device = torch.device(opts["device"])
     _use_recipe(opts["recipe"], opts["backend"])
@@ -188,11 +206,15 @@ def measure_breakdown(opts: dict[str, Any]) -> list[dict[str, Any]]:
             synchronize(device)
             timings["decode"].append(time.perf_counter() - began)
             began = time.perf_counter()
-            for image in pipe.image_processor.postprocess(decoded, output_type="pil"):
-                image.save(io.BytesIO(), format="PNG")
+            for image in to_pil(pipe.image_processor.postprocess(decoded, output_type="pt")):
+                image.save(io.BytesIO(), format="PNG", compress_level=PNG_COMPRESS_LEVEL)
             timings["png"].append(time.perf_counter() - began)
+        profiled = profile_steps(lambda: pipe(prompt=["a photo of a dog"] * batch, height=resolution,
+                                              width=resolution, num_inference_steps=steps, guidance_scale=7.5,
+                                              latents=latents, generator=generators, output_type="latent"),
+                                 1, device) if opts.get("profile") else {}
     parts = {part: sum(values[1:]) / opts["repeats"] for part, values in timings.items()}
-    return [{"kind": "breakdown", "recipe": opts["recipe"], "recipe_used": used.name, "batch": batch,
+    return [{**profiled, "kind": "breakdown", "recipe": opts["recipe"], "recipe_used": used.name, "batch": batch,
              "first_round_seconds": sum(v[0] for v in timings.values()), **{f"{k}_seconds": v for k, v in
                                                                              parts.items()},
              "images_per_second_without_png": batch / (parts["denoise"] + parts["decode"])}]
@@ -300,12 +322,13 @@ def sampling_job(device: str, tiny: bool, recipe: str, kinds: list[str], batches
                  rounds: dict[str, int] | None = None) -> dict[str, Any]:
     return {"measure": "sampling", "device": device, "tiny": tiny, "resolution": 32 if tiny else 512,
             "recipe": recipe, "kinds": kinds, "batches": batches, "backend": backend,
-            "rounds": rounds or ({"eval": 1, "class": 1} if tiny else {"eval": 2, "class": 1})}
+            "rounds": rounds or ({"eval": 1, "class": 1} if tiny else {"eval": 3, "class": 2})}
 
 
-def breakdown_job(device: str, tiny: bool, recipe: str, batch: int, backend: str) -> dict[str, Any]:
+def breakdown_job(device: str, tiny: bool, recipe: str, batch: int, backend: str,
+                  profile: bool = False) -> dict[str, Any]:
     return {"measure": "breakdown", "device": device, "tiny": tiny, "resolution": 32 if tiny else 512,
-            "recipe": recipe, "batch": batch, "backend": backend, "repeats": 1 if tiny else 2}
+            "recipe": recipe, "batch": batch, "backend": backend, "repeats": 1 if tiny else 2, "profile": profile}
 
 
 def embedding_job(device: str, tiny: bool) -> dict[str, Any]:
@@ -353,6 +376,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kinds", default="eval,class", help="eval, class or both")
     parser.add_argument("--batches", default="", help="batch sizes besides the harness's pick, comma-separated")
     parser.add_argument("--breakdown", action="store_true", help="also split one batch into its parts")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --breakdown: profile one denoising pass (kernel time, launches, heaviest kernels)")
     parser.add_argument("--no-embedding", action="store_true", help="skip the embedding and LPIPS measurements")
     parser.add_argument("--backend", default=None, help="torch.compile backend (inductor; --tiny: aot_eager)")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
@@ -376,7 +401,7 @@ def jobs_of(args: argparse.Namespace) -> list[dict[str, Any]]:
         recipe_of(recipe, backend)  # refuses unknown names before anything runs
         jobs.append(sampling_job(device, args.tiny, recipe, kinds, batches, backend))
         if args.breakdown:
-            jobs.append(breakdown_job(device, args.tiny, recipe, 2 if args.tiny else 32, backend))
+            jobs.append(breakdown_job(device, args.tiny, recipe, 2 if args.tiny else 32, backend, args.profile))
     if not args.no_embedding:
         jobs.append(embedding_job(device, args.tiny))
         jobs.append(lpips_job(device, args.tiny))

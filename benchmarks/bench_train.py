@@ -43,6 +43,7 @@ from benchlib import (
     markdown_table,
     out_dir,
     plain_table,
+    profile_steps,
     provenance,
     run_job,
     synchronize,
@@ -103,6 +104,10 @@ def measure_training(opts: dict[str, Any]) -> list[dict[str, Any]]:
     from harness.trainer import Speedups, advance, default_speedups, read_losses, start_session
 
     device = torch.device(opts["device"])
+    if opts.get("bucket_elements"):
+        from harness.trainer import optimizers
+
+        optimizers.BUCKET_ELEMENTS = opts["bucket_elements"]
     components = build_components(opts["tiny"], opts["device"], torch.float32)
     spec = TrainSpec(method=opts["method"], steps=10_000, resolution=opts["resolution"], batch_size=1,
                      prior_loss_weight=1.0,
@@ -140,16 +145,25 @@ def measure_training(opts: dict[str, Any]) -> list[dict[str, Any]]:
         raise RuntimeError("non-finite training loss")
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     memory = sampler.summary() if sampler else {"nvidia_smi_gib": None, "device_used_gib": None}
+    profiled = (profile_steps(lambda: advance(session).instance.sum(), opts["profile"], device)
+                if opts.get("profile") else {})
     return [{
         "kind": "training", "method": opts["method"], "mode": opts["mode"], "variant": opts["variant"],
+        "bucket_elements": _bucket_elements() if opts["mode"] == "low_memory" else None,
         "compiled": None if variant is None else variant.describe(),
         "gradient_checkpointing": spec.gradient_checkpointing, "seconds_per_step": seconds,
         "warmup_steps": opts["warmup_steps"], "warmup_seconds": warmup_seconds,
         "compile_seconds": max(0.0, warmup_seconds - opts["warmup_steps"] * seconds) if variant else None,
         "timed_steps": opts["timed_steps"], "optimizer": session.optimizer_label, "resolution": opts["resolution"],
         "trainable_params": session.trainable_params, "export_bytes": _export_bytes(session),
-        "peak_allocated_gib": peak, **memory,
+        "peak_allocated_gib": peak, **memory, **profiled,
     }]
+
+
+def _bucket_elements() -> int:
+    from harness.trainer import optimizers
+
+    return optimizers.BUCKET_ELEMENTS
 
 
 def _bench_subject():
@@ -176,10 +190,11 @@ def run_worker(payload: str) -> None:
 
 
 def training_job(device: str, tiny: bool, mode: str, checkpointing: bool, variant: str, steps: dict[str, int],
-                 backend: str, method: str = "dreambooth") -> dict[str, Any]:
+                 backend: str, method: str = "dreambooth", profile: int = 0,
+                 bucket_elements: int | None = None) -> dict[str, Any]:
     return {"measure": "training", "device": device, "tiny": tiny, "resolution": 32 if tiny else 512,
             "method": method, "mode": mode, "gradient_checkpointing": checkpointing, "variant": variant,
-            "backend": backend, **steps}
+            "backend": backend, "profile": profile, "bucket_elements": bucket_elements, **steps}
 
 
 def step_counts(tiny: bool, quick: bool) -> dict[str, int]:
@@ -204,7 +219,9 @@ def table_rows(records: list[dict[str, Any]], tiny: bool) -> list[list[str]]:
             continue
         target = TARGETS[(r["mode"], r["gradient_checkpointing"])]
         met = "-" if tiny else ("yes" if r["seconds_per_step"] <= target else "NO")
-        rows.append([r["method"], r["mode"], ckpt, f"{r['variant']}" + (f" ({r['compiled']})" if r["compiled"] else ""),
+        buckets = f", buckets of {r['bucket_elements']}" if r.get("bucket_elements") else ""
+        rows.append([r["method"], r["mode"], ckpt, f"{r['variant']}" + (f" ({r['compiled']})" if r["compiled"] else "")
+                     + buckets,
                      f"{r['seconds_per_step']:.3f}", f"{r['warmup_seconds']:.0f}", _fmt(r["compile_seconds"], 0),
                      _fmt(r["peak_allocated_gib"]), _fmt(r.get("nvidia_smi_gib")), _count(r["trainable_params"]),
                      _size(r["export_bytes"]), f"<= {target} s", met])
@@ -234,6 +251,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", default=None, help="torch.compile backend (inductor; --tiny: aot_eager)")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--timeout", type=float, default=420, help="seconds one measurement may take")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the timed steps, profile this many more (torch.profiler): kernel time, launches "
+                             "and the operators with the most CPU time, in bench_train.json")
+    parser.add_argument("--bucket-elements", type=lambda v: [int(x) if x != "default" else None for x in v.split(",")],
+                        default=[None], metavar="N[,N]",
+                        help="low_memory: the most elements a bucket of parameters stepped together holds "
+                             "(harness/trainer/optimizers.py BUCKET_ELEMENTS; 1: one parameter a bucket; "
+                             "default: the harness's)")
     parser.add_argument("--out", type=Path, default=None, help="folder for bench_train.md/.json (default: $OUT)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -257,7 +282,9 @@ def jobs_of(args: argparse.Namespace) -> list[dict[str, Any]]:
                 raise SystemExit(f"--checkpointing: {ckpt!r} is neither on nor off.")
             for variant in args.variants.split(","):
                 compile_variant(variant, mode, backend)  # refuses unknown names before anything runs
-                jobs.append(training_job(device, args.tiny, mode, ckpt == "on", variant, steps, backend, method))
+                for buckets in args.bucket_elements:
+                    jobs.append(training_job(device, args.tiny, mode, ckpt == "on", variant, steps, backend, method,
+                                             args.profile, buckets))
     return jobs
 
 

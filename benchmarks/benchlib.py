@@ -171,6 +171,39 @@ class MemorySampler(threading.Thread):
 # Workers: one measurement per process, under a time limit
 
 
+def profile_steps(step, steps: int, device) -> dict[str, Any]:
+    """Runs `step()` `steps` times under torch.profiler: wall and GPU-kernel seconds per step, kernel launches per
+    step, and the operators with the most CPU time of their own (where a launch-bound step spends its host time)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    began = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    wall = (time.perf_counter() - began) / steps
+    events = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_seconds = sum(e.device_time_total for e in kernels) / 1e6 / steps if kernels else None
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+    by_kernel: dict[str, list[float]] = {}
+    for e in kernels:
+        by_kernel.setdefault(e.name[:120], []).append(e.device_time_total)
+    heavy = sorted(by_kernel.items(), key=lambda kv: sum(kv[1]), reverse=True)[:25]
+    return {
+        "profiled_steps": steps, "profiled_seconds_per_step": round(wall, 4),
+        "kernel_seconds_per_step": None if kernel_seconds is None else round(kernel_seconds, 4),
+        "kernel_launches_per_step": round(len(kernels) / steps),
+        "top_cpu_ops": [{"op": e.key, "calls_per_step": round(e.count / steps, 1),
+                         "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 2)} for e in top],
+        "top_kernels": [{"kernel": name, "calls_per_step": round(len(times) / steps, 1),
+                         "ms_per_step": round(sum(times) / 1e3 / steps, 2)} for name, times in heavy],
+    }
+
+
 def emit(records: list[dict[str, Any]]) -> None:
     """What a worker prints last: its records, on one line."""
     print(RECORDS_PREFIX + json.dumps(records), flush=True)

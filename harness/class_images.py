@@ -32,7 +32,16 @@ from harness.config.fields import in_identity
 from harness.data import InstanceDataError, check_image_files, folder_digest, list_instance_files, prepare_image
 from harness.grid import RunSpec
 from harness.progress import bar
-from harness.store import atomic_path, atomic_write_json, discard, file_digest, image_is_whole, read_json, text_digest
+from harness.store import (
+    PNG_COMPRESS_LEVEL,
+    atomic_path,
+    atomic_write_json,
+    discard,
+    file_digest,
+    image_is_whole,
+    read_json,
+    text_digest,
+)
 from harness.timings import count
 
 if TYPE_CHECKING:  # torch and diffusers load only when images are generated: planning stays light
@@ -326,7 +335,7 @@ def save_image(folder: Path, pool: PoolSpec, index: int, image: Image.Image, bat
                render: str = "eager") -> None:
     png = image_path(folder, index)
     with atomic_path(png) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     atomic_write_json(sidecar_path(png), {"index": index, "seed": pool.image_seed(index), "prompt": pool.prompt,
                                           "negative_prompt": pool.sampler.negative_prompt, "pool": pool.key,
                                           "batch_size": batch_size, "render": render,

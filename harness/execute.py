@@ -39,7 +39,7 @@ from harness.records import (
     usable_train,
     write_error,
 )
-from harness.sampling import eval_requests, generate, missing, read_samples
+from harness.sampling import eval_requests, generate, missing, read_samples, sidecar
 from harness.store import RunFolder
 from harness.study import Study
 
@@ -137,6 +137,17 @@ def training_data(study: Study, run: RunSpec, components: Components):
         class_paths=class_paths, class_prompt=run.subject.class_text if pool is not None else None,
         encoded_in_step={kind for kind in ("instance", "class") if make_method(run).encodes_in_step(kind)},
     )
+
+
+def needs_model(study: Study, run: RunSpec) -> bool:
+    """A guess, from file names only (nothing is checked or removed: another process may hold the run), whether
+    executing `run` will load the model: it has not finished training, or a snapshot lacks an image."""
+    folder = study.store.folder(run)
+    if not folder.is_done(TRAIN_STAGE):
+        return True
+    requests = eval_requests(run.subject, study.protocol.eval)
+    return any(not sidecar(study.snapshot_dir(folder, step) / f"{r.stem}.png").is_file()
+               for step in run.snapshot_steps for r in requests)
 
 
 def execute_run(study: Study, run: RunSpec) -> tuple[str, str]:

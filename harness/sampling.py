@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from harness.config import EvalSpec, ModelSpec, SubjectSpec
 from harness.progress import bar
 from harness.prompts import class_prompts, subject_prompts
-from harness.store import atomic_path, atomic_write_json, image_is_whole, read_json, text_digest
+from harness.store import PNG_COMPRESS_LEVEL, atomic_path, atomic_write_json, image_is_whole, read_json, text_digest
 from harness.timings import count
 
 if TYPE_CHECKING:
@@ -242,7 +242,7 @@ def render(pipe, prompts: Sequence[str], seeds: Sequence[int], resolution: int, 
     side = resolution // pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, side, side)
     latents = torch.stack([torch.randn(shape, generator=g) for g in generators])
-    return pipe(
+    images = pipe(
         prompt=list(prompts),
         negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
         height=resolution,
@@ -251,14 +251,28 @@ def render(pipe, prompts: Sequence[str], seeds: Sequence[int], resolution: int, 
         guidance_scale=guidance_scale,
         latents=latents.to(device=device, dtype=pipe.unet.dtype),
         generator=generators,
-        output_type="pil",
+        output_type="pt",
     ).images
+    return to_pil(images)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """PIL images from a batch in [0, 1] (diffusers' "pt" output), rounded on the device exactly as diffusers'
+    "pil" output rounds on the host (float32 x 255, round half to even, uint8): the same pixels, without holding
+    the GIL over a few hundred milliseconds of numpy work a batch."""
+    import torch
+    from PIL import Image
+
+    pixels = images.float().mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    if pixels.shape[-1] == 1:
+        return [Image.fromarray(p.squeeze(-1)) for p in pixels]
+    return [Image.fromarray(p) for p in pixels]
 
 
 def _save(out_dir: Path, request: SampleRequest, image, settings: SamplerSettings, meta: dict[str, Any]) -> None:
     png = out_dir / f"{request.stem}.png"
     with atomic_path(png) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     record = {**asdict(request), **{f"sampler_{k}": v for k, v in asdict(settings).items()}, **meta,
               "bytes": png.stat().st_size}
     atomic_write_json(sidecar(png), record)

@@ -17,7 +17,16 @@ from harness.embedders import EmbeddingCache, make_embedders
 from harness.evaluator import Scorer, real_images_record, record_name, samples_record
 from harness.metrics import roles_for
 from harness.records import scores_name
-from harness.sampling import eval_requests, generate, missing, read_samples, sampler_settings, samples_key
+from harness.sampling import (
+    eval_requests,
+    generate,
+    missing,
+    read_samples,
+    render,
+    sampler_settings,
+    samples_key,
+    to_pil,
+)
 from tests.conftest import write_images
 
 SPEC = EvalSpec(backbones="tiny", seeds=(0, 1), class_prompts=("a {class}", "a {class} on the beach"),
@@ -67,6 +76,32 @@ def test_generate_writes_pngs_with_sidecars_and_resumes(tmp_path, subject, compo
     assert first["prompt"] == "a sks dog in the jungle" and first["seed"] == 0 and first["run_key"] == "abc"
     assert first["step"] == 4 and first["sampler_sampler"] == "ddim" and first["sampler_steps"] == 2
     assert Image.open(first["path"]).size == (32, 32)
+
+
+def test_pixels_are_rounded_on_the_device_exactly_as_diffusers_rounds_them():
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)).half()
+    images[0, 0, 0, :6] = torch.tensor([0.5 / 255, 1.5 / 255, 2.5 / 255, 0.0, 1.0, 254.5 / 255])  # ties, ends
+    expected = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))
+    got = to_pil(images)
+    assert [im.mode for im in got] == ["RGB"] * 3
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(expected, got, strict=True))
+
+
+def test_rendered_images_equal_the_pipelines_own_pil_output(components):
+    import torch
+
+    from harness.models import make_pipeline
+
+    pipe = make_pipeline(components, "ddim")
+    ours = render(pipe, ["a dog", "a cat"], [3, 4], 32, 2, 7.5, torch.device("cpu"))
+    generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    latents = torch.stack([torch.randn((4, 4, 4), generator=g) for g in generators])
+    stock = pipe(prompt=["a dog", "a cat"], height=32, width=32, num_inference_steps=2, guidance_scale=7.5,
+                 latents=latents, generator=generators, output_type="pil").images
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(ours, stock, strict=True))
 
 
 def test_an_image_does_not_depend_on_its_batch(tmp_path, subject, components):

@@ -207,6 +207,43 @@ def test_a_killed_worker_and_ctrl_c_leave_a_study_the_next_invocation_finishes(o
     assert_same_tables(root, one_worker)
 
 
+def test_workers_get_ready_while_the_study_is_prepared_and_stop_if_preparing_fails(tmp_path, monkeypatch):
+    import harness.prepare
+
+    root = make_study(tmp_path)
+    monkeypatch.chdir(root)
+    ready = []
+
+    def failing_prepare(plan, study, runs):
+        # Both workers have loaded the model and wait on the queue before the preparation has ended.
+        ready.extend(wait_for(lambda: (found := worker_statuses(root)) and len(found) == 2
+                              and all(s.activity == "waiting for the preparation" for s in found) and found,
+                              timeout=600, every=0.2))
+        raise RuntimeError("the preparation failed")
+
+    monkeypatch.setattr(harness.prepare, "prepare", failing_prepare)
+    with pytest.raises(RuntimeError, match="the preparation failed"):
+        main(["protocols/smoke.yaml", "--workers", "2"])
+    assert sorted(s.worker for s in ready) == ["cpu0", "cpu1"]
+    assert all("load model" in s.timings for s in ready)  # loaded ahead, before any run was handed out
+    assert not [s.pid for s in ready if Path(f"/proc/{s.pid}").exists()], "a worker outlived the command"
+    assert not list(root.glob("runs/*/train.json"))
+
+
+def test_runs_go_on_the_queue_before_the_end_markers():
+    from harness.executors.local import WorkerPool
+
+    class Job:
+        runs = tuple(type("Run", (), {"run_key": key})() for key in ("a", "b", "c"))
+
+    pool = WorkerPool(Job(), [], Path("."), view=None)
+    pool.started = 2  # two workers waiting on the queue
+    pool.release_runs()
+    taken = [pool.queue.get(timeout=10) for _ in range(5)]
+    assert taken == ["a", "b", "c", None, None]
+    pool.close()
+
+
 def leftovers(root: Path, but: str | None = None) -> list[Path]:
     """Temporary files of interrupted writers in the run folders (the hidden files, locks aside)."""
     return [p for p in (root / "runs").glob("*/**/.*") if p.is_file() and p.name != ".lock"

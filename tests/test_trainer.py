@@ -75,8 +75,10 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 @pytest.fixture(autouse=True)
 def small_parameter_threshold(monkeypatch):
-    """The tiny UNet's tensors are all small; a lower threshold gives low_memory mode both kinds to handle."""
+    """The tiny UNet's tensors are all small; a lower threshold gives low_memory mode both kinds to handle, and
+    smaller buckets give it several."""
     monkeypatch.setattr(optimizers, "HOOKED_MIN_ELEMENTS", 2000)
+    monkeypatch.setattr(optimizers, "BUCKET_ELEMENTS", 10_000)
 
 
 class Recorder:
@@ -153,7 +155,9 @@ def test_low_memory_mode_matches_fast_mode_without_clipping(tmp_path):
         session = start(run, build_tiny_components(), synthetic_data(), "cpu")
         if mode == "low_memory":
             updater = session.updater
-            assert len(updater.optimizers) + len(updater.small) == len(list(session.components.unet.parameters()))
+            hooked = sum(len(bucket) for bucket in updater.buckets)
+            assert hooked + len(updater.small) == len(list(session.components.unet.parameters()))
+            assert len(updater.optimizers) == len(updater.buckets) > 3
         for _ in range(3):
             trainer.advance(session)
         results[mode] = weights(session.components.unet)
@@ -163,23 +167,58 @@ def test_low_memory_mode_matches_fast_mode_without_clipping(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
 @pytest.mark.parametrize("memory_mode", ["fast", "low_memory"])
-def test_low_memory_mode_never_holds_the_large_gradients(tmp_path, memory_mode):
+def test_low_memory_mode_holds_only_the_gradients_of_buckets_under_way(tmp_path, memory_mode):
     run = make_run(tmp_path, memory_mode=memory_mode)
     session = start(run, build_tiny_components(), synthetic_data(), "cpu")
     unet = session.components.unet
     large = [p for p in unet.parameters() if p.numel() >= optimizers.HOOKED_MIN_ELEMENTS]
-    held = []  # large gradients alive each time a layer's backward finishes
-    hooks = [m.register_full_backward_hook(lambda *args: held.append(sum(p.grad is not None for p in large)))
-             for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    held = []  # elements of large gradients alive each time a layer's backward finishes
+    hooks = [m.register_full_backward_hook(
+        lambda *args: held.append(sum(p.numel() for p in large if p.grad is not None)))
+        for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     trainer.advance(session)
     for hook in hooks:
         hook.remove()
-    assert len(held) > 10 and len(large) > 10
+    total = sum(p.numel() for p in large)
+    assert len(held) > 10 and len(large) > 10 and total > 8 * optimizers.BUCKET_ELEMENTS
     if memory_mode == "low_memory":
-        assert max(held) == 0  # each was stepped and freed the moment it was complete
+        # each bucket is stepped and freed the moment its last gradient completes
+        assert 0 < max(held) <= 2 * optimizers.BUCKET_ELEMENTS
     else:
-        assert max(held) > len(large) // 2  # fast mode holds them until the step
+        assert max(held) > total // 2  # fast mode holds them until the step
     assert all(p.grad is None for p in unet.parameters())
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
+def test_buckets_update_exactly_as_one_optimizer_per_parameter(tmp_path, monkeypatch, max_grad_norm):
+    run = make_run(tmp_path, (3,), memory_mode="low_memory", max_grad_norm=max_grad_norm)
+    results = {}
+    for limit in (1, 10_000, 10**9):  # one parameter a bucket, several, all in one
+        monkeypatch.setattr(optimizers, "BUCKET_ELEMENTS", limit)
+        session = start(run, build_tiny_components(), synthetic_data(), "cpu")
+        for _ in range(3):
+            trainer.advance(session)
+        results[limit] = weights(session.components.unet)
+    assert_same_weights(results[1], results[10_000])
+    assert_same_weights(results[1], results[10**9])
+
+
+def test_optimizer_state_moves_between_bucket_layouts(tmp_path, monkeypatch):
+    run = make_run(tmp_path, (3,), memory_mode="low_memory")
+    monkeypatch.setattr(optimizers, "BUCKET_ELEMENTS", 1)
+    first = start(run, build_tiny_components(), synthetic_data(), "cpu")
+    for _ in range(2):
+        trainer.advance(first)
+    saved = first.updater.state_dict()
+    assert len(saved["optimizers"]) == sum(len(b) for b in first.updater.buckets)  # one state per parameter
+    monkeypatch.setattr(optimizers, "BUCKET_ELEMENTS", 10**9)
+    second = start(run, build_tiny_components(), synthetic_data(), "cpu")
+    second.components.unet.load_state_dict(first.components.unet.state_dict())
+    second.updater.load_state_dict(saved)
+    second.step = first.step
+    trainer.advance(first)
+    trainer.advance(second)
+    assert_same_weights(weights(first.components.unet), weights(second.components.unet))
 
 
 def test_clip_each_bounds_every_gradient_on_its_own():

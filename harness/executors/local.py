@@ -5,33 +5,34 @@
   CUDA_VISIBLE_DEVICES before torch is imported there.
 - One worker (one GPU, no GPU, or --device): it runs in the command's own process, exactly as a study always ran.
 
-The command's process prepares (on the first worker's device, then frees it), puts every selected run on one queue
-(longest first; each run is taken once per invocation, and the run store's lock keeps a run that another invocation
-holds from being worked on twice), draws one view of the workers' status files, and collects at the end.
+The command's process starts the workers, prepares while they import the libraries and load the model (on the first
+worker's device, then frees it), puts every selected run on one queue (longest first; each run is taken once per
+invocation, and the run store's lock keeps a run that another invocation holds from being worked on twice), draws
+one view of the workers' status files, and collects at the end.
 A worker that dies (killed, out of host memory, a crash) has its run recorded as failed with the reason and the
 path of its log; a new worker takes its place, and the next invocation resumes the run from its last snapshot or
 checkpoint. Ctrl-C or SIGTERM stops every worker where it is (every file is written atomically), waits for them,
 and ends the command with status 130; a worker whose parent dies stops too.
 
-What this module does not hold: what a worker does with a run (execute.py), the view (console.py).
+What this module does not hold: the worker process's side (local_worker.py), what a worker does with a run
+(execute.py), the view (console.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.executors import ExecutionError, Executor, StudyJob, StudyOutcome
+from harness.executors.local_worker import Slot, WorkerOrder, worker_main
 
 if TYPE_CHECKING:
     from harness.config import ExecutionSpec, Protocol
@@ -46,16 +47,6 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.25
 STOP_GRACE_SECONDS = 30.0  # after Ctrl-C, how long workers get to stop by themselves before SIGTERM, then SIGKILL
 WORKERS_DIR = ".workers"  # under runs_dir: each invocation's worker status files and logs
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where one worker runs: its name in the view, the torch device it uses, and for a worker process the
-    CUDA_VISIBLE_DEVICES value that pins it (None: no pinning)."""
-
-    name: str
-    device: str
-    visible: str | None = None
 
 
 def worker_slots(spec: ExecutionSpec, device: str | None) -> list[Slot]:
@@ -153,18 +144,6 @@ def run_in_process(job: StudyJob, slot: Slot, explicit: bool) -> StudyOutcome:
 # Several workers, in their own processes
 
 
-@dataclass(frozen=True)
-class WorkerOrder:
-    """What a worker process needs (pickled to it): the protocol, the runs it may be handed, where it runs and
-    where it reports."""
-
-    protocol: Protocol
-    runs: tuple[RunSpec, ...]
-    slot: Slot
-    status_path: Path
-    log_path: Path
-
-
 def run_workers(job: StudyJob, slots: list[Slot]) -> StudyOutcome:
     from harness.collect import collect
     from harness.prepare import prepare
@@ -180,14 +159,18 @@ def run_workers(job: StudyJob, slots: list[Slot]) -> StudyOutcome:
     folder = Path(protocol.output.runs_dir) / WORKERS_DIR / f"{socket.gethostname()}-{os.getpid()}"
     with view.showing_logs(), reporting(reporter), _terminate_as_interrupt():
         view.print(_header(protocol, len(job.runs), f"{len(slots)} workers ({', '.join(s.name for s in slots)})"))
-        prepare(job.plan, study, job.runs)
-        study.release_models()  # the GPU goes to the workers
-        reporter.close()
         pool = WorkerPool(job, slots, folder, view)
         try:
+            # The workers start now: importing the libraries and loading the model take them as long as the
+            # preparation takes here, and they wait on the queue until it is done.
+            pool.start_all()
+            prepare(job.plan, study, job.runs)
+            study.release_models()  # the GPU goes to the workers
+            reporter.close()
+            pool.release_runs()
             pool.run()
-        except KeyboardInterrupt:
-            pool.stop()
+        except BaseException:
+            pool.stop()  # Ctrl-C, or preparation failed: no worker outlives the command
             raise
         finally:
             pool.close()
@@ -228,18 +211,30 @@ class WorkerPool:
         self.view = view
         self.context = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA starts in the child
         self.queue = self.context.Queue()
-        for run in job.runs:
-            self.queue.put(run.run_key)
+        self.released = False  # the runs are on the queue (after preparation)
         self.processes: dict[str, Any] = {}
         self.slot_of: dict[str, Slot] = {}
         self.seen: dict[str, float] = {}
         self.started = 0
         self.clean = True  # no worker died: the status folder can go
 
-    def run(self) -> None:
+    def start_all(self) -> None:
+        """Starts one worker per slot; they get ready and wait for `release_runs`."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for slot in self.slots:
             self.start(slot)
+
+    def release_runs(self) -> None:
+        """Puts every run on the queue, then one end marker per worker started so far (a worker stops at its
+        marker, and markers come after the runs, so none stops while a run waits)."""
+        for run in self.job.runs:
+            self.queue.put(run.run_key)
+        for _ in range(self.started):
+            self.queue.put(None)
+        self.released = True
+
+    def run(self) -> None:
+        """Watches the workers until every one has ended, replacing those that die during a run."""
         while self.processes:
             time.sleep(POLL_SECONDS)
             self.poll()
@@ -253,7 +248,8 @@ class WorkerPool:
     def start(self, slot: Slot) -> None:
         self.started += 1
         name = slot.name if self.started <= len(self.slots) else f"{slot.name}#{self.started - len(self.slots)}"
-        self.queue.put(None)  # this worker's end of the queue
+        if self.released:
+            self.queue.put(None)  # a replacement's end of the queue (release_runs counted the others)
         order = WorkerOrder(protocol=self.job.plan.protocol, runs=self.job.runs, slot=replace(slot, name=name),
                             status_path=self.folder / f"{name}.json", log_path=self.folder / f"{name}.log")
         process = self.context.Process(target=worker_main, args=(order, self.queue), name=f"harness-{name}",
@@ -415,82 +411,3 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Inside a worker process
-
-
-class _QueueOfRuns:
-    """The shared queue as execute.work sees it: run keys until this worker's end marker."""
-
-    def __init__(self, queue: Any, runs: tuple[RunSpec, ...]):
-        self.queue = queue
-        self.runs = {r.run_key: r for r in runs}
-
-    def take(self) -> RunSpec | None:
-        key = self.queue.get()
-        return None if key is None else self.runs[key]
-
-
-def worker_main(order: WorkerOrder, queue: Any) -> None:
-    """A worker process: executes runs from the queue, publishing its status, until the queue says stop."""
-    _stop_with_parent()
-    _log_to(order.log_path)
-    signal.signal(signal.SIGINT, _interrupt_once)  # Ctrl-C reaches the workers and the command alike
-    signal.signal(signal.SIGTERM, _interrupt_once)
-    try:
-        _work(order, queue)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-def _interrupt_once(signum: int, frame: Any) -> None:
-    """Stops the worker where it is, as Ctrl-C does; a second signal (the command passing Ctrl-C on) is ignored,
-    so the clean-up of half-written files is not cut short."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
-def _work(order: WorkerOrder, queue: Any) -> None:
-    # CPU workers keep torch's default thread count: fewer threads would change the numbers' last bits.
-    from harness.progress import Reporter, file_publisher, forward_logs, reporting
-
-    reporter = Reporter(order.slot.name, order.slot.device, publish=file_publisher(order.status_path))
-    reporter.activity("starting (loading libraries)")
-    from harness.console import quiet_libraries
-
-    quiet_libraries()
-    from harness.execute import work
-    from harness.study import Study
-
-    study = Study.open(order.protocol, order.slot.device, reporter)
-    from harness.fastpath import expect_study
-    from harness.grid import estimate_work
-
-    # compile: auto weighs compile time against the work this worker may be handed (the whole queue at most)
-    expect_study(estimate_work(order.protocol, list(order.runs), {}))
-    reporter.follow_timings(study.timings)
-    forward_logs(reporter)
-    with reporting(reporter):
-        work(study, _QueueOfRuns(queue, order.runs))
-    reporter.close()
-
-
-def _log_to(path: Path) -> None:
-    """The worker's stdout and stderr (Python's and the libraries' own) go to its log file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (the process's lifetime)
-    os.dup2(log_file.fileno(), 1)
-    os.dup2(log_file.fileno(), 2)
-    sys.stdout = sys.stderr = log_file
-
-
-def _stop_with_parent() -> None:
-    """Asks Linux to send this process SIGTERM when the command's process dies, so no worker is orphaned."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -3,11 +3,12 @@
 - Optimizers (OPTIMIZERS): `adamw8bit` is bitsandbytes' AdamW8bit; if the installed bitsandbytes cannot run it on
   the device (probed once on a small tensor), torch's AdamW is used and one warning says so.
 - Memory modes (MEMORY_MODES): `fast` keeps all gradients and clips them by their global norm; `low_memory` steps
-  one optimizer per parameter inside backward (register_post_accumulate_grad_hook) and frees each gradient right
-  away, so the full set of gradients never exists. Global-norm clipping is impossible there, so low_memory clips
-  each parameter's gradient to max_grad_norm on its own (a looser bound than fast mode's; max_grad_norm: null
-  disables clipping in both modes, and then both modes give the same update). Parameters under HOOKED_MIN_ELEMENTS
-  elements (about 2 MB of gradients for SD 1.5) share one optimizer stepped after backward.
+  parameters inside backward (register_post_accumulate_grad_hook), a bucket of consecutive parameters at a time,
+  and frees their gradients right away, so the full set of gradients never exists. Global-norm clipping is
+  impossible there, so low_memory clips each parameter's gradient to max_grad_norm on its own (a looser bound than
+  fast mode's; max_grad_norm: null disables clipping in both modes, and then both modes give the same update).
+  Parameters under HOOKED_MIN_ELEMENTS elements (about 2 MB of gradients for SD 1.5) share one optimizer stepped
+  after backward.
 - The learning-rate schedule is diffusers' `get_scheduler`, driving any number of optimizers.
 
 What this module does not hold: which parameters train (harness/methods) or the loop (loop.py).
@@ -28,6 +29,7 @@ from harness.config import TrainSpec
 log = logging.getLogger(__name__)
 
 HOOKED_MIN_ELEMENTS = 65536  # low_memory: smaller parameters step together after backward
+BUCKET_ELEMENTS = 1 << 24  # low_memory: the most elements a bucket of hooked parameters holds (64 MB of gradients)
 BNB_PROBE_SIZE = 4096  # bitsandbytes keeps 32-bit state below this many elements; probe the 8-bit path
 
 
@@ -194,11 +196,18 @@ class FastUpdater:
 
 
 class LowMemoryUpdater:
-    """One optimizer per parameter, stepped inside backward as soon as that parameter's gradient is complete.
+    """Parameters stepped inside backward as soon as their gradients are complete, bucket by bucket.
 
-    Each gradient is freed right after its step, so the whole set never exists at once. Parameters under
-    HOOKED_MIN_ELEMENTS (norms, biases: about 2 MB of gradients for SD 1.5, but 400 of its 686 tensors) share one
-    optimizer stepped after backward, which saves 400 hook round trips a step. Clipping is per parameter.
+    Each gradient is freed right after its step, so the whole set never exists at once. The hooked parameters are
+    cut into buckets of consecutive parameters (BUCKET_ELEMENTS elements at most, 64 MB of float32 gradients; a
+    larger parameter is a bucket of its own), each with one optimizer: when the last gradient of a bucket completes,
+    the bucket is clipped and stepped with one call and its gradients freed. Backward reaches a module's parameters
+    together, so a bucket waits briefly, and a step launches a few calls per bucket instead of several per
+    parameter: on an H100 the per-parameter calls, not the GPU, set the pace of this mode. The update is the one a
+    per-parameter optimizer makes (AdamW is elementwise and clipping is per parameter), bit for bit.
+    Parameters under HOOKED_MIN_ELEMENTS (norms, biases: about 2 MB of gradients for SD 1.5, but 400 of its 686
+    tensors) share one optimizer stepped after backward. Checkpoints hold one optimizer state per hooked parameter,
+    whatever the buckets.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], spec: TrainSpec, factory: OptimizerFactory,
@@ -206,15 +215,25 @@ class LowMemoryUpdater:
         self.spec, self.scaler = spec, scaler
         hooked = [p for p in params if p.numel() >= HOOKED_MIN_ELEMENTS]
         self.small = [p for p in params if p.numel() < HOOKED_MIN_ELEMENTS]
-        self.optimizers = [factory([p], spec) for p in hooked]
+        self.buckets = buckets_of(hooked, BUCKET_ELEMENTS)
+        self.optimizers = [factory(bucket, spec) for bucket in self.buckets]
         self.small_optimizer = factory(self.small, spec) if self.small else None
         self.lr = LearningRate(spec, [*self.optimizers, *filter(None, [self.small_optimizer])])
-        self.hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._step_one, opt))
-                      for p, opt in zip(hooked, self.optimizers, strict=True)]
+        self.waiting = [len(bucket) for bucket in self.buckets]  # gradients each bucket still waits for
+        self.hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._arrived, index))
+                      for index, bucket in enumerate(self.buckets) for p in bucket]
 
-    def _step_one(self, optimizer: torch.optim.Optimizer, param: torch.nn.Parameter) -> None:
-        self._step(optimizer, [param])
-        param.grad = None
+    def _arrived(self, index: int, param: torch.nn.Parameter) -> None:
+        self.waiting[index] -= 1
+        if self.waiting[index] == 0:
+            self._step_bucket(index)
+
+    def _step_bucket(self, index: int) -> None:
+        bucket = self.buckets[index]
+        self._step(self.optimizers[index], bucket)
+        for param in bucket:
+            param.grad = None
+        self.waiting[index] = len(bucket)
 
     def _step(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
         if self.scaler:
@@ -228,6 +247,9 @@ class LowMemoryUpdater:
 
     def apply(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
+        for index, bucket in enumerate(self.buckets):
+            if self.waiting[index] != len(bucket):  # a parameter without a gradient this step (unused)
+                self._step_bucket(index)
         if self.small_optimizer:
             self._step(self.small_optimizer, self.small)
             self.small_optimizer.zero_grad(set_to_none=True)
@@ -236,13 +258,16 @@ class LowMemoryUpdater:
         self.lr.step()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": [o.state_dict() for o in self.optimizers],
+        return {"optimizers": [one for optimizer in self.optimizers for one in split_state(optimizer.state_dict())],
                 "small": self.small_optimizer.state_dict() if self.small_optimizer else None,
                 "lr": self.lr.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(saved)
+        saved = iter(state["optimizers"])
+        for optimizer, bucket in zip(self.optimizers, self.buckets, strict=True):
+            optimizer.load_state_dict(merge_states([next(saved) for _ in bucket]))
+        if next(saved, None) is not None:
+            raise ValueError("the checkpoint holds more optimizer states than this model has large parameters")
         if self.small_optimizer:
             self.small_optimizer.load_state_dict(state["small"])
         self.lr.load_state_dict(state["lr"])
@@ -251,8 +276,39 @@ class LowMemoryUpdater:
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
+        for bucket in self.buckets:
+            for param in bucket:
+                param.grad = None
         if self.small_optimizer:
             self.small_optimizer.zero_grad(set_to_none=True)
+
+
+def buckets_of(params: list[torch.nn.Parameter], limit: int) -> list[list[torch.nn.Parameter]]:
+    """Consecutive parameters grouped up to `limit` elements a group; a parameter larger than that is alone."""
+    buckets: list[list[torch.nn.Parameter]] = []
+    size = 0
+    for param in params:
+        if not buckets or size + param.numel() > limit:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(param)
+        size += param.numel()
+    return buckets
+
+
+def split_state(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """An optimizer's state dict (one parameter group) as one state dict per parameter, in order."""
+    (group,) = state["param_groups"]
+    options = {k: v for k, v in group.items() if k != "params"}
+    return [{"state": {0: state["state"][i]} if i in state["state"] else {},
+             "param_groups": [{**options, "params": [0]}]} for i in group["params"]]
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-parameter state dicts of `split_state` as one optimizer's state dict."""
+    options = {k: v for k, v in states[0]["param_groups"][0].items() if k != "params"}
+    return {"state": {i: s["state"][0] for i, s in enumerate(states) if 0 in s["state"]},
+            "param_groups": [{**options, "params": list(range(len(states)))}]}
 
 
 def clip_each(grads: list[torch.Tensor], max_norm: float) -> None:
