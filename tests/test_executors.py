@@ -230,18 +230,32 @@ def test_workers_get_ready_while_the_study_is_prepared_and_stop_if_preparing_fai
     assert not list(root.glob("runs/*/train.json"))
 
 
-def test_runs_go_on_the_queue_before_the_end_markers():
+def test_only_the_workers_on_the_preparing_gpu_wait_for_the_preparation(monkeypatch):
     from harness.executors.local import WorkerPool
 
-    class Job:
-        runs = tuple(type("Run", (), {"run_key": key})() for key in ("a", "b", "c"))
+    started = []
 
-    pool = WorkerPool(Job(), [], Path("."), view=None)
-    pool.started = 2  # two workers waiting on the queue
-    pool.release_runs()
-    taken = [pool.queue.get(timeout=10) for _ in range(5)]
-    assert taken == ["a", "b", "c", None, None]
-    pool.close()
+    class Process:
+        def __init__(self, target, args, name, daemon):
+            started.append(args[0])
+
+        def start(self):
+            pass
+
+    class Job:
+        runs = ()
+        plan = type("Plan", (), {"protocol": None})()
+
+    for preparing, slots, waiting in (
+            ("3", [Slot("gpu3", "cuda:0", "3"), Slot("gpu5", "cuda:0", "5")], {"gpu3"}),
+            (None, [Slot("cpu0", "cpu"), Slot("cpu1", "cpu")], {"cpu0", "cpu1"})):
+        started.clear()
+        pool = WorkerPool(Job(), slots, Path("."), view=None, preparing=preparing)
+        monkeypatch.setattr(pool.context, "Process", Process)
+        for slot in slots:
+            pool.start(slot)
+        assert {o.slot.name for o in started if o.after_preparation} == waiting
+        pool.close()
 
 
 def leftovers(root: Path, but: str | None = None) -> list[Path]:

@@ -159,15 +159,16 @@ def run_workers(job: StudyJob, slots: list[Slot]) -> StudyOutcome:
     folder = Path(protocol.output.runs_dir) / WORKERS_DIR / f"{socket.gethostname()}-{os.getpid()}"
     with view.showing_logs(), reporting(reporter), _terminate_as_interrupt():
         view.print(_header(protocol, len(job.runs), f"{len(slots)} workers ({', '.join(s.name for s in slots)})"))
-        pool = WorkerPool(job, slots, folder, view)
+        pool = WorkerPool(job, slots, folder, view, preparing=first_gpu)
         try:
-            # The workers start now: importing the libraries and loading the model take them as long as the
-            # preparation takes here, and they wait on the queue until it is done.
+            # The workers start now and load the model while this process prepares. Those on the other GPUs then
+            # take runs at once (a run that needs a class-image pool waits on the pool's lock until it is grown);
+            # the preparing GPU's own workers wait until preparation is done.
             pool.start_all()
             prepare(job.plan, study, job.runs)
-            study.release_models()  # the GPU goes to the workers
+            study.release_models()  # the GPU goes to its workers
             reporter.close()
-            pool.release_runs()
+            pool.preparation_done()
             pool.run()
         except BaseException:
             pool.stop()  # Ctrl-C, or preparation failed: no worker outlives the command
@@ -202,16 +203,19 @@ def _remove_folder(folder: Path) -> None:
 class WorkerPool:
     """The worker processes of one invocation, the queue they share, and what the view learns from them."""
 
-    def __init__(self, job: StudyJob, slots: list[Slot], folder: Path, view: StudyView):
+    def __init__(self, job: StudyJob, slots: list[Slot], folder: Path, view: StudyView, preparing: str | None):
         import multiprocessing
 
         self.job = job
         self.slots = slots
         self.folder = folder
         self.view = view
+        self.preparing = preparing  # CUDA_VISIBLE_DEVICES id of the GPU this process prepares on (None: the CPU)
         self.context = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA starts in the child
         self.queue = self.context.Queue()
-        self.released = False  # the runs are on the queue (after preparation)
+        for run in job.runs:
+            self.queue.put(run.run_key)
+        self.prepared = self.context.Event()
         self.processes: dict[str, Any] = {}
         self.slot_of: dict[str, Slot] = {}
         self.seen: dict[str, float] = {}
@@ -219,19 +223,13 @@ class WorkerPool:
         self.clean = True  # no worker died: the status folder can go
 
     def start_all(self) -> None:
-        """Starts one worker per slot; they get ready and wait for `release_runs`."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for slot in self.slots:
             self.start(slot)
 
-    def release_runs(self) -> None:
-        """Puts every run on the queue, then one end marker per worker started so far (a worker stops at its
-        marker, and markers come after the runs, so none stops while a run waits)."""
-        for run in self.job.runs:
-            self.queue.put(run.run_key)
-        for _ in range(self.started):
-            self.queue.put(None)
-        self.released = True
+    def preparation_done(self) -> None:
+        """Lets the workers on the preparing device take runs."""
+        self.prepared.set()
 
     def run(self) -> None:
         """Watches the workers until every one has ended, replacing those that die during a run."""
@@ -248,12 +246,12 @@ class WorkerPool:
     def start(self, slot: Slot) -> None:
         self.started += 1
         name = slot.name if self.started <= len(self.slots) else f"{slot.name}#{self.started - len(self.slots)}"
-        if self.released:
-            self.queue.put(None)  # a replacement's end of the queue (release_runs counted the others)
+        self.queue.put(None)  # this worker's end of the queue
         order = WorkerOrder(protocol=self.job.plan.protocol, runs=self.job.runs, slot=replace(slot, name=name),
-                            status_path=self.folder / f"{name}.json", log_path=self.folder / f"{name}.log")
-        process = self.context.Process(target=worker_main, args=(order, self.queue), name=f"harness-{name}",
-                                       daemon=False)
+                            status_path=self.folder / f"{name}.json", log_path=self.folder / f"{name}.log",
+                            after_preparation=slot.visible == self.preparing)
+        process = self.context.Process(target=worker_main, args=(order, self.queue, self.prepared),
+                                       name=f"harness-{name}", daemon=False)
         with _environment(**worker_environment(slot, len(self.slots))):
             process.start()
         self.processes[name] = process

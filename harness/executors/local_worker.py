@@ -2,8 +2,9 @@
 
 A worker is started with `spawn` (a fresh interpreter: CUDA starts in the child), pinned to its GPU by the
 environment its parent gives it. It sends its output to its log file, publishes its status for the command's view,
-loads the model while the command's process prepares the study, then takes runs from the shared queue until it
-reads its end marker. Ctrl-C or SIGTERM stops it where it is; it stops too when its parent dies.
+and loads the model while the command's process prepares the study. It then takes runs from the shared queue until
+it reads its end marker: at once on a GPU of its own, after the preparation on the device the command prepares on
+(the two would share its memory). Ctrl-C or SIGTERM stops it where it is; it stops too when its parent dies.
 
 What this module does not hold: the pool of workers and the command's side (local.py), what a run is (execute.py).
 """
@@ -48,6 +49,7 @@ class WorkerOrder:
     slot: Slot
     status_path: Path
     log_path: Path
+    after_preparation: bool = True  # it shares the preparing device: it takes runs once preparation is done
 
 
 class _QueueOfRuns:
@@ -62,14 +64,14 @@ class _QueueOfRuns:
         return None if key is None else self.runs[key]
 
 
-def worker_main(order: WorkerOrder, queue: Any) -> None:
+def worker_main(order: WorkerOrder, queue: Any, prepared: Any) -> None:
     """A worker process: executes runs from the queue, publishing its status, until the queue says stop."""
     _stop_with_parent()
     _log_to(order.log_path)
     signal.signal(signal.SIGINT, _interrupt_once)  # Ctrl-C reaches the workers and the command alike
     signal.signal(signal.SIGTERM, _interrupt_once)
     try:
-        _work(order, queue)
+        _work(order, queue, prepared)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -82,7 +84,7 @@ def _interrupt_once(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _work(order: WorkerOrder, queue: Any) -> None:
+def _work(order: WorkerOrder, queue: Any, prepared: Any) -> None:
     # CPU workers keep torch's default thread count: fewer threads would change the numbers' last bits.
     from harness.progress import Reporter, file_publisher, forward_logs, reporting
 
@@ -104,7 +106,9 @@ def _work(order: WorkerOrder, queue: Any) -> None:
     forward_logs(reporter)
     with reporting(reporter):
         _load_ahead(study, order.runs)
-        reporter.waiting("waiting for the preparation")
+        if order.after_preparation and not prepared.is_set():
+            reporter.waiting("waiting for the preparation")
+            prepared.wait()
         work(study, _QueueOfRuns(queue, order.runs))
     reporter.close()
 
