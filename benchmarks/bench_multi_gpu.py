@@ -48,8 +48,6 @@ grid:
   learning_rate: [5.0e-6, 1.0e-5]
   steps: [{half}, {steps}]
 """
-TIMING_COLUMNS = ("train_seconds", "seconds_per_step", "sampling_seconds", "scoring_seconds", "peak_memory_gib")
-CSVS = ("runs.csv", "images.csv", "references.csv")
 PARTS = {"one": ("1 GPU", ["--gpus", "0"]), "two": ("2 GPUs", ["--gpus", "0,1"])}
 TINY_PARTS = {"one": ("1 CPU worker", ["--workers", "1"]), "two": ("2 CPU workers", ["--workers", "2"])}
 
@@ -87,22 +85,9 @@ def run_part(work: Path, protocol: Path, name: str, flags: list[str]) -> dict:
 
 def compare(work: Path) -> dict:
     """Whether the two parts' CSV rows agree apart from the timing columns, and by how much they differ."""
-    import pandas as pd
+    from benchlib import compare_csvs
 
-    differences: dict[str, dict[str, float | str]] = {}
-    for name in CSVS:
-        a, b = (pd.read_csv(work / part / "results" / "multi_gpu" / name) for part in ("one", "two"))
-        if list(a.columns) != list(b.columns) or len(a) != len(b):
-            differences[name] = {"shape": f"{a.shape} against {b.shape}"}
-            continue
-        for column in a.columns:
-            if column in TIMING_COLUMNS or a[column].equals(b[column]):
-                continue
-            if a[column].dtype.kind == "f" and b[column].dtype.kind == "f":
-                differences.setdefault(name, {})[column] = float((a[column] - b[column]).abs().max())
-            else:
-                differences.setdefault(name, {})[column] = "differs"
-    return {"rows_agree": not differences, "differences": differences}
+    return compare_csvs(*(work / part / "results" / "multi_gpu" for part in ("one", "two")))
 
 
 def report(results: dict, labels: dict) -> str:

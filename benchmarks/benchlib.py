@@ -204,6 +204,31 @@ def profile_steps(step, steps: int, device) -> dict[str, Any]:
     }
 
 
+TIMING_COLUMNS = ("train_seconds", "seconds_per_step", "sampling_seconds", "scoring_seconds", "peak_memory_gib")
+STUDY_CSVS = ("runs.csv", "images.csv", "references.csv")
+
+
+def compare_csvs(a: Path, b: Path) -> dict[str, Any]:
+    """Whether two studies' CSVs (results folders `a` and `b`) agree row for row apart from the timing columns,
+    and by how much each column that differs differs."""
+    import pandas as pd
+
+    differences: dict[str, dict[str, float | str]] = {}
+    for name in STUDY_CSVS:
+        x, y = pd.read_csv(a / name), pd.read_csv(b / name)
+        if list(x.columns) != list(y.columns) or len(x) != len(y):
+            differences[name] = {"shape": f"{x.shape} against {y.shape}"}
+            continue
+        for column in x.columns:
+            if column in TIMING_COLUMNS or x[column].equals(y[column]):
+                continue
+            if x[column].dtype.kind == "f" and y[column].dtype.kind == "f":
+                differences.setdefault(name, {})[column] = float((x[column] - y[column]).abs().max())
+            else:
+                differences.setdefault(name, {})[column] = "differs"
+    return {"rows_agree": not differences, "differences": differences}
+
+
 def emit(records: list[dict[str, Any]]) -> None:
     """What a worker prints last: its records, on one line."""
     print(RECORDS_PREFIX + json.dumps(records), flush=True)

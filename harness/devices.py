@@ -4,6 +4,9 @@
 `resolve_device` picks the default (a CUDA GPU when torch sees one, else the CPU) or checks that the named device
 exists, raising `DeviceError` (a setup error: exit status 2) with the ways out.
 
+`use_deterministic_kernels` is `execution.deterministic`: the settings under which a GPU gives the same numbers in
+every process.
+
 What this module does not hold: placing modules on a device (models.placed) or anything that runs there.
 """
 
@@ -70,3 +73,27 @@ def _absence(device: torch.device) -> str | None:
     if device.index is not None and device.index >= xpu.device_count():
         return f"there is no XPU number {device.index}: torch sees {xpu.device_count()}."
     return None
+
+
+def use_deterministic_kernels() -> None:
+    """Asks this process's GPU for the same numbers in every process and every run, at a cost in speed: torch's
+    deterministic algorithms (an operation that has none warns once and runs as it is), cuDNN's deterministic
+    convolutions without autotuning (timing picks algorithms, and different algorithms round differently), and
+    cuBLAS's fixed workspace (read when cuBLAS starts: this runs before any matrix product). Without them, training
+    on a GPU adds gradients in whatever order its atomic operations finish, so the same run trained in two
+    processes differs in the last bits of its weights and then in its images' scores."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def deterministic_kernels() -> bool:
+    """Whether this process asked for deterministic kernels (then nothing turns cuDNN autotuning on)."""
+    import torch
+
+    return torch.are_deterministic_algorithms_enabled()

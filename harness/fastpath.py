@@ -90,10 +90,12 @@ class Decision:
 
 
 def decide(setting: str | bool, device_type: str, work: int, payback: Payback | None, unit: str = "units",
-           warm: bool = False, unsupported: str | None = None) -> Decision:
+           warm: bool = False, unsupported: str | None = None, deterministic: bool = False) -> Decision:
     """Resolves a `compile` setting ("auto", True, False) for `work` units ("steps", "images") on a device of
     `device_type`. `payback`: the figures of this GPU (None: none measured). `warm`: a module compiled for these
     shapes already exists in this process. `unsupported`: why this phase cannot compile at all (None when it can).
+    `deterministic`: execution.deterministic is on; `auto` is then eager, because a compiled path rounds otherwise
+    than the eager one, and auto's choice depends on how much work a process is handed.
     """
     if setting != "auto" and not isinstance(setting, bool):
         raise ValueError(f"compile must be auto, true or false, not {setting!r}.")
@@ -103,6 +105,8 @@ def decide(setting: str | bool, device_type: str, work: int, payback: Payback | 
         return Decision(False, f"eager: {unsupported}")
     if setting is True:
         return Decision(True, "compile: true")
+    if deterministic:
+        return Decision(False, "auto: eager under execution.deterministic (the same path in every process)")
     if device_type != "cuda":
         return Decision(False, f"auto: eager on {device_type} (compiling pays back on a CUDA GPU only)")
     if warm:

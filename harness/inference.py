@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from harness.devices import deterministic_kernels
 from harness.fastpath import Decision, compiler_problem, decide, eager, study_work
 from harness.models import Components, make_pipeline, placed
 from harness.throughput import payback_for
@@ -101,7 +102,7 @@ def decide_sampling(setting: str | bool, device: torch.device, images: int, figu
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     warm = any(shape in models.shapes for models in _kept.values())
     return decide(setting, device.type, max(images, study_work().images), payback_for("sampling", figure, gpu),
-                  "images", warm=warm, unsupported=problem)
+                  "images", warm=warm, unsupported=problem, deterministic=deterministic_kernels())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ def compiled_components(components: Components, source_unet: torch.nn.Module, de
     if not fits(source_unet.state_dict(), models.unet) or not fits(components.vae.state_dict(), models.vae):
         yield None
         return
-    if device.type == "cuda":
+    if device.type == "cuda" and not deterministic_kernels():
         torch.backends.cudnn.benchmark = True  # static shapes: the timed algorithms serve every batch
     _materialise(models, source_unet, components.vae)
     try:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from harness.backends import load_components
 from harness.config import Protocol, SubjectSpec
 from harness.data import folder_digest, list_instance_files, prepare_instances
-from harness.devices import resolve_device
+from harness.devices import resolve_device, use_deterministic_kernels
 from harness.evaluator import Scorer, record_name
 from harness.progress import Reporter
 from harness.records import snapshot_dir as record_snapshot_dir
@@ -55,6 +55,8 @@ class Study:
     @classmethod
     def open(cls, protocol: Protocol, device: torch.device | str | None = None,
              reporter: Reporter | None = None) -> Study:
+        if protocol.execution.deterministic:
+            use_deterministic_kernels()
         return cls(protocol=protocol, device=resolve_device(str(device) if device is not None else None),
                    store=RunStore(protocol.output.runs_dir), cache_dir=Path(protocol.output.cache_dir),
                    reporter=reporter or Reporter())

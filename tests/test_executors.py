@@ -43,9 +43,27 @@ def test_the_execution_section_is_typed_and_checked(write_protocol):
     assert "execution.time_limit: must be at least 1" in text
 
 
+def test_a_deterministic_study_asks_torch_for_deterministic_kernels(write_protocol, monkeypatch):
+    import torch
+
+    from harness.study import Study
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    protocol = load_protocol(write_protocol(MINIMAL + "execution: {deterministic: true}\n"))
+    assert protocol.execution.deterministic and not load_protocol(write_protocol(MINIMAL)).execution.deterministic
+    try:
+        Study.open(protocol, "cpu")
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:  # process-wide settings: the other tests run without them
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
 def test_command_line_overrides_are_checked_like_the_protocol(write_protocol):
     protocol = load_protocol(write_protocol(MINIMAL))
     assert override_execution(protocol, {"workers": 2, "gpus": [0]}).execution.workers == 2
+    assert override_execution(protocol, {"deterministic": True}).execution.deterministic
     with pytest.raises(ExecutionError) as caught:
         override_execution(protocol, {"time_limt": 5, "workers": 0, "executor": "nope"})
     lines = str(caught.value).splitlines()

@@ -52,6 +52,12 @@ def test_auto_compiles_where_the_work_pays_the_compilation_back(setting, device,
     assert says in decision.reason
 
 
+def test_deterministic_execution_keeps_auto_eager_and_compile_true_compiled():
+    auto = decide("auto", "cuda", 10**6, PAYBACK, "steps", deterministic=True)
+    assert auto.compile is False and "execution.deterministic" in auto.reason
+    assert decide(True, "cuda", 1, PAYBACK, "steps", deterministic=True).compile is True
+
+
 def test_an_unknown_setting_is_refused():
     for bad in ("on", 1, None):
         with pytest.raises(ValueError, match="auto, true or false"):

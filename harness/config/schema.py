@@ -203,9 +203,12 @@ class LimitSpec:
 @dataclass(frozen=True)
 class ExecutionSpec:
     """Where the runs execute: `local` workers on this machine, or a `slurm` job array. Nothing here changes a
-    result, so none of it is part of a run's identity; the command line overrides any of it."""
+    result beyond float rounding, so none of it is part of a run's identity; the command line overrides any of it."""
 
     executor: str = "local"  # a registered executor (harness/executors)
+    # every process asks the GPU for deterministic kernels (devices.use_deterministic_kernels): slower, and the
+    # numbers then stay the same however the runs are spread over GPUs, processes and invocations
+    deterministic: bool = False
     # local: the CUDA devices to use (indices as this process sees them); None: every visible GPU
     gpus: tuple[int, ...] | None = None
     # local: worker processes; None: one per GPU (one in the command's own process without a GPU)

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from harness.config import TrainSpec
+from harness.devices import deterministic_kernels
 from harness.fastpath import Decision, compiler_problem, decide, study_work
 from harness.methods import Method
 from harness.throughput import payback_for, training_key
@@ -127,5 +128,6 @@ def decide_training(spec: TrainSpec, method: Method, unet: torch.nn.Module, devi
     payback = payback_for("training", training_key(spec.method, spec.memory_mode, spec.gradient_checkpointing), gpu)
     unsupported = method.compile_problem or compiler_problem(device.type)
     decision = decide(spec.compile, device.type, max(steps, study_work().training_steps), payback, "steps",
-                      warm=is_warm(unet, variant, training_shape(spec, method)), unsupported=unsupported)
+                      warm=is_warm(unet, variant, training_shape(spec, method)), unsupported=unsupported,
+                      deterministic=deterministic_kernels())
     return decision, variant if decision.compile else None

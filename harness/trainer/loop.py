@@ -40,6 +40,7 @@ import torch
 
 from harness.caches import TrainingData
 from harness.config import TrainSpec
+from harness.devices import deterministic_kernels
 from harness.fastpath import eager
 from harness.grid import RunSpec
 from harness.losses import LossParts, diffusion_target, min_snr_weights, prior_preservation_loss, signal_to_noise
@@ -94,7 +95,7 @@ class Speedups:
 def default_speedups(device: torch.device | str) -> Speedups:
     """What measured fastest on an H100 (bench_train.py): cuDNN autotuning (about 13% a step); no channels_last
     (slower). Compilation is decided per run (compiled.decide_training)."""
-    return Speedups(cudnn_benchmark=torch.device(device).type == "cuda")
+    return Speedups(cudnn_benchmark=torch.device(device).type == "cuda" and not deterministic_kernels())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def advance(session: TrainingSession) -> PendingLoss:
     inputs = draw_step_inputs(session.data, session.spec, session.step, session.components.vae.config.scaling_factor,
                               session.noise_scheduler.config.num_train_timesteps, session.device)
     lr = session.updater.lr.current
-    with eager() if session.eager_unet else contextlib.nullcontext():
+    with eager() if session.eager_unet else contextlib.nullcontext(), _attention_for(session.device):
         if session.compiled is not None and session.compiled.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse their buffers
         parts = compute_loss(session, inputs)
@@ -223,6 +224,17 @@ def advance(session: TrainingSession) -> PendingLoss:
     session.step += 1
     return PendingLoss(step=session.step, instance=parts.instance.detach(),
                        prior=None if parts.prior is None else parts.prior.detach(), lr=lr)
+
+
+def _attention_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """Under execution.deterministic, attention on a GPU trains with the plain matrix-product kernel: the fused
+    kernels' backward passes add up their gradients with atomic operations, in no fixed order (more memory for the
+    attention scores, the same numbers every time)."""
+    if device.type != "cuda" or not deterministic_kernels():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def finish_session(session: TrainingSession) -> None:
