@@ -145,7 +145,7 @@ def estimate_phases(protocol: Any, runs: Sequence[Any], work: Any, figures: dict
     images = work.images
     return [
         _class_images(protocol, work, figures, gpu, images),
-        _training(runs, work, figures, gpu),
+        _training(runs, work, figures, gpu, protocol.execution.deterministic),
         _sampling(protocol, work, figures, gpu, images),
         _scoring(work, figures),
     ]
@@ -171,11 +171,11 @@ def _scale_note(factor: float, what: str) -> str:
     return "" if abs(factor - 1) < 1e-9 else f"scaled x{factor:.2g} for {what}"
 
 
-def _sampling_figure(figures: dict[str, Any], key: str, setting: str, gpu: str,
-                     images: int) -> tuple[dict[str, Any] | None, bool, str]:
+def _sampling_figure(figures: dict[str, Any], key: str, setting: str, gpu: str, images: int,
+                     deterministic: bool) -> tuple[dict[str, Any] | None, bool, str]:
     entry = figures.get(key, {})
     payback = payback_for("sampling", key, gpu)
-    decision = decide(setting, "cuda", images, payback, "images")
+    decision = decide(setting, "cuda", images, payback, "images", deterministic=deterministic)
     return _pick(entry, decision.compile)
 
 
@@ -184,7 +184,8 @@ def _class_images(protocol: Any, work: Any, figures: dict[str, Any], gpu: str, i
     label = f"{work.class_images} images"
     if not work.class_images:
         return PhaseEstimate("class images", label, 0.0, "none needed")
-    figure, compiled, note = _sampling_figure(figures, "sampling.class", spec.compile, gpu, images)
+    figure, compiled, note = _sampling_figure(figures, "sampling.class", spec.compile, gpu, images,
+                                              protocol.execution.deterministic)
     if figure is None:
         return PhaseEstimate("class images", label, None, "no class-image figure for this GPU")
     factor = spec.steps / REFERENCE["class_steps"] * _pixels(protocol.train.resolution)
@@ -194,7 +195,8 @@ def _class_images(protocol: Any, work: Any, figures: dict[str, Any], gpu: str, i
                          _describe(figure, compiled, note, _scale_note(factor, "steps and resolution")))
 
 
-def _training(runs: Sequence[Any], work: Any, figures: dict[str, Any], gpu: str) -> PhaseEstimate:
+def _training(runs: Sequence[Any], work: Any, figures: dict[str, Any], gpu: str,
+              deterministic: bool = False) -> PhaseEstimate:
     label = f"{work.optimizer_steps} steps"
     seconds, bases, compiled_keys, scaled = 0.0, {}, set(), False
     for run in runs:
@@ -204,7 +206,8 @@ def _training(runs: Sequence[Any], work: Any, figures: dict[str, Any], gpu: str)
         if shown not in figures:
             return PhaseEstimate("training", label, None, f"no figure for {key} on this GPU")
         decision = decide(spec.compile, "cuda", max(spec.steps, work.optimizer_steps),
-                          payback_for("training", shown, gpu), "steps", warm=shown in compiled_keys)
+                          payback_for("training", shown, gpu), "steps", warm=shown in compiled_keys,
+                          deterministic=deterministic)
         figure, compiled, note = _pick(figures[shown], decision.compile)
         images_per_step = spec.batch_size * (2 if spec.uses_prior else 1)
         factor = images_per_step / REFERENCE["train_images_per_step"] * _pixels(spec.resolution)
@@ -221,7 +224,8 @@ def _training(runs: Sequence[Any], work: Any, figures: dict[str, Any], gpu: str)
 def _sampling(protocol: Any, work: Any, figures: dict[str, Any], gpu: str, images: int) -> PhaseEstimate:
     count = work.eval_images + work.base_model_images
     label = f"{count} images"
-    figure, compiled, note = _sampling_figure(figures, "sampling.eval", protocol.eval.compile, gpu, images)
+    figure, compiled, note = _sampling_figure(figures, "sampling.eval", protocol.eval.compile, gpu, images,
+                                              protocol.execution.deterministic)
     if figure is None:
         return PhaseEstimate("sampling", label, None, "no evaluation-sampling figure for this GPU")
     factor = protocol.eval.steps / REFERENCE["eval_steps"] * _pixels(protocol.train.resolution)

@@ -190,6 +190,14 @@ def test_the_estimate_scales_to_the_protocols_settings_and_follows_compile_off(t
     assert quarter[1].seconds == pytest.approx(1000 * 0.3 / 8) and "scaled" in quarter[1].basis
 
 
+def test_a_deterministic_study_is_estimated_eager(table, write_protocol):
+    plan = protocol_plan(write_protocol, steps=1000)
+    protocol = replace(plan.protocol, execution=replace(plan.protocol.execution, deterministic=True))
+    phases = {p.phase: p for p in throughput.estimate_phases(protocol, plan.runs, plan.work,
+                                                             TABLE["gpus"][H100], H100)}
+    assert phases["training"].seconds == pytest.approx(1000 * 0.3)  # eager, where auto would compile (see above)
+
+
 def test_the_estimate_says_when_it_cannot_be_made(table, write_protocol):
     plan = protocol_plan(write_protocol)
     unknown = throughput.estimate_lines(plan.protocol, plan.runs, plan.work, True, gpu=("Tesla T4", "torch"))
