@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_plan(plan))
             executor = EXECUTORS.get(protocol.execution.executor)
             print("\n" + "\n".join(executor.describe(plan, tuple(longest_first(protocol, plan.runs)))))
+            if protocol.execution.deterministic:
+                print("Deterministic kernels (execution.deterministic): slower; compile: auto stays eager.")
             return 0
         quiet_libraries()
         from harness.backbones import BackboneUnavailableError

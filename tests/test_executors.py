@@ -320,6 +320,9 @@ def test_the_dry_run_shows_the_sbatch_settings_and_the_array(capsys):
         assert line in out, line
     collect = out[out.index("collect (CSVs and report)"):]
     assert "--gpus-per-task" not in collect  # collect needs no GPU
+    assert "Deterministic kernels" not in out
+    assert main([smoke, "--dry-run", "--execution", "deterministic=true"]) == 0
+    assert "Deterministic kernels (execution.deterministic): slower" in capsys.readouterr().out
 
 
 @pytest.mark.slow
