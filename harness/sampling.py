@@ -258,8 +258,8 @@ def render(pipe, prompts: Sequence[str], seeds: Sequence[int], resolution: int, 
 
 def to_pil(images: torch.Tensor) -> list:
     """PIL images from a batch in [0, 1] (diffusers' "pt" output), rounded on the device exactly as diffusers'
-    "pil" output rounds on the host (float32 x 255, round half to even, uint8): the same pixels, without holding
-    the GIL over a few hundred milliseconds of numpy work a batch."""
+    "pil" output rounds on the host (float32 x 255, round half to even, uint8): the same pixels, with a quarter of
+    the bytes to copy and none of the float arithmetic left to the thread that drives the GPU."""
     import torch
     from PIL import Image
 
