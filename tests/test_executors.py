@@ -227,22 +227,32 @@ def test_a_killed_worker_and_ctrl_c_leave_a_study_the_next_invocation_finishes(o
 
 def test_workers_get_ready_while_the_study_is_prepared_and_stop_if_preparing_fails(tmp_path, monkeypatch):
     import harness.prepare
+    from harness.executors import local
 
     root = make_study(tmp_path)
     monkeypatch.chdir(root)
-    ready = []
+    ready, views = [], []
+    monkeypatch.setattr(local, "_view", lambda job, make=local._view: views.append(make(job)) or views[-1])
+
+    def both_waiting():
+        found = worker_statuses(root)
+        return len(found) == 2 and all(s.activity == "waiting for the preparation" for s in found) and found
 
     def failing_prepare(plan, study, runs):
-        # Both workers have loaded the model and wait on the queue before the preparation has ended.
-        ready.extend(wait_for(lambda: (found := worker_statuses(root)) and len(found) == 2
-                              and all(s.activity == "waiting for the preparation" for s in found) and found,
-                              timeout=600, every=0.2))
+        # Both workers have loaded the model and wait on the queue before the preparation has ended; the view,
+        # fed by the preparation's own status, shows them meanwhile.
+        def publishing():
+            study.reporter.activity("preparing")
+            return both_waiting() and {"cpu0", "cpu1"} <= set(views[0].workers) and both_waiting()
+
+        ready.extend(wait_for(publishing, timeout=300, every=0.3))
         raise RuntimeError("the preparation failed")
 
     monkeypatch.setattr(harness.prepare, "prepare", failing_prepare)
     with pytest.raises(RuntimeError, match="the preparation failed"):
         main(["protocols/smoke.yaml", "--workers", "2"])
     assert sorted(s.worker for s in ready) == ["cpu0", "cpu1"]
+    assert views[0].workers["cpu1"].activity == "waiting for the preparation"
     assert all("load model" in s.timings for s in ready)  # loaded ahead, before any run was handed out
     assert not [s.pid for s in ready if Path(f"/proc/{s.pid}").exists()], "a worker outlived the command"
     assert not list(root.glob("runs/*/train.json"))

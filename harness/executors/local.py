@@ -154,12 +154,17 @@ def run_workers(job: StudyJob, slots: list[Slot]) -> StudyOutcome:
     view = _view(job)
     first_gpu = next((s.visible for s in slots if s.visible is not None), None)
     parent_device = "cpu" if first_gpu is None else f"cuda:{_visible_index(first_gpu)}"
-    reporter = Reporter("prepare", parent_device, publish=view.update)
-    study = Study.open(protocol, parent_device, reporter)
     folder = Path(protocol.output.runs_dir) / WORKERS_DIR / f"{socket.gethostname()}-{os.getpid()}"
+    pool = WorkerPool(job, slots, folder, view, preparing=first_gpu)
+
+    def show_preparation(status: WorkerStatus) -> None:
+        view.update(status)
+        pool.poll(every=POLL_SECONDS)  # the workers that already run, while this process prepares
+
+    reporter = Reporter("prepare", parent_device, publish=show_preparation)
+    study = Study.open(protocol, parent_device, reporter)
     with view.showing_logs(), reporting(reporter), _terminate_as_interrupt():
         view.print(_header(protocol, len(job.runs), f"{len(slots)} workers ({', '.join(s.name for s in slots)})"))
-        pool = WorkerPool(job, slots, folder, view, preparing=first_gpu)
         try:
             # The workers start now and load the model while this process prepares. Those on the other GPUs then
             # take runs at once (a run that needs a class-image pool waits on the pool's lock until it is grown);
@@ -220,6 +225,7 @@ class WorkerPool:
         self.slot_of: dict[str, Slot] = {}
         self.seen: dict[str, float] = {}
         self.started = 0
+        self.polled = 0.0  # time.monotonic() of the last poll
         self.clean = True  # no worker died: the status folder can go
 
     def start_all(self) -> None:
@@ -260,9 +266,14 @@ class WorkerPool:
     def status_path(self, name: str) -> Path:
         return self.folder / f"{name}.json"
 
-    def poll(self) -> None:
+    def poll(self, every: float = 0.0) -> None:
+        """Passes on to the view what each worker published since the last look (at most every `every` s)."""
         from harness.progress import read_status
 
+        now = time.monotonic()
+        if now - self.polled < every:
+            return
+        self.polled = now
         for name in self.slot_of:
             status = read_status(self.status_path(name))
             if status is not None and status.updated != self.seen.get(name):
