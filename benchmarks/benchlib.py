@@ -204,7 +204,6 @@ def profile_steps(step, steps: int, device) -> dict[str, Any]:
     }
 
 
-TIMING_COLUMNS = ("train_seconds", "seconds_per_step", "sampling_seconds", "scoring_seconds", "peak_memory_gib")
 STUDY_CSVS = ("runs.csv", "images.csv", "references.csv")
 
 
@@ -212,6 +211,8 @@ def compare_csvs(a: Path, b: Path) -> dict[str, Any]:
     """Whether two studies' CSVs (results folders `a` and `b`) agree row for row apart from the timing columns,
     and by how much each column that differs differs."""
     import pandas as pd
+
+    from harness.results.columns import TIMING_COLUMNS
 
     differences: dict[str, dict[str, float | str]] = {}
     for name in STUDY_CSVS:

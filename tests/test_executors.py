@@ -19,10 +19,10 @@ from harness.config import ExecutionSpec, ProtocolError, load_protocol, override
 from harness.executors import ExecutionError
 from harness.executors.local import Slot, worker_slots
 from harness.progress import read_status
+from harness.results.columns import TIMING_COLUMNS
 from run_experiment import main
 from tests.conftest import MINIMAL, REPO
 
-TIMING_COLUMNS = ("train_seconds", "seconds_per_step", "sampling_seconds", "scoring_seconds", "peak_memory_gib")
 CSVS = ("runs.csv", "images.csv", "references.csv")
 
 
@@ -245,7 +245,7 @@ def test_workers_get_ready_while_the_study_is_prepared_and_stop_if_preparing_fai
             study.reporter.activity("preparing")
             return both_waiting() and {"cpu0", "cpu1"} <= set(views[0].workers) and both_waiting()
 
-        ready.extend(wait_for(publishing, timeout=300, every=0.3))
+        ready.extend(wait_for(publishing, timeout=600, every=0.3))
         raise RuntimeError("the preparation failed")
 
     monkeypatch.setattr(harness.prepare, "prepare", failing_prepare)

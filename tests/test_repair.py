@@ -13,11 +13,10 @@ from harness.config import load_protocol
 from harness.embedders import EmbeddingCache, content_hash, load_rgb
 from harness.grid import expand
 from harness.records import usable_scores
+from harness.results.columns import TIMING_COLUMNS
 from harness.store import png_problem
 from run_experiment import main
 from tests.conftest import REPO
-
-TIMING_COLUMNS = ("train_seconds", "seconds_per_step", "sampling_seconds", "scoring_seconds", "peak_memory_gib")
 
 
 def untimed(csv: Path) -> pd.DataFrame:

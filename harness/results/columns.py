@@ -21,6 +21,10 @@ from harness.config import TrainSpec
 from harness.methods import METHODS
 from harness.metrics import metric_names
 
+# Columns that measure the machine rather than the result: two executions of one study differ there and nowhere
+# else (the other columns are compared as they are by the tests and benchmarks/bench_multi_gpu.py).
+TIMING_COLUMNS = ("train_seconds", "seconds_per_step", "sampling_seconds", "scoring_seconds", "peak_memory_gib")
+
 # Method settings are shown where train_text_encoder stood when it was a common training field, so the columns of
 # existing studies keep their order.
 SETTINGS_AFTER = "max_grad_norm"

@@ -138,7 +138,8 @@ def start_session(method: Method, components: Components, data: TrainingData, de
                               updater=updater, optimizer_label=label,
                               noise_scheduler=make_scheduler(components.scheduler_config, "ddpm"), scaler=scaler,
                               trainable_params=sum(p.numel() for p in params), compiled=speedups.compile,
-                              eager_unet=speedups.compile is None and compiled_with(components.unet) is not None)
+                              eager_unet=speedups.compile is None and compiled_with(components.unet) is not None,
+                              math_attention=device.type == "cuda" and deterministic_kernels())
     for kind, prompt, cached in _prompts(data, spec):
         if method.encodes_in_step(kind):
             session.tokens[kind] = _token_ids(components, prompt, device)
@@ -216,7 +217,7 @@ def advance(session: TrainingSession) -> PendingLoss:
     inputs = draw_step_inputs(session.data, session.spec, session.step, session.components.vae.config.scaling_factor,
                               session.noise_scheduler.config.num_train_timesteps, session.device)
     lr = session.updater.lr.current
-    with eager() if session.eager_unet else contextlib.nullcontext(), _attention_for(session.device):
+    with eager() if session.eager_unet else contextlib.nullcontext(), _attention(session.math_attention):
         if session.compiled is not None and session.compiled.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse their buffers
         parts = compute_loss(session, inputs)
@@ -226,11 +227,11 @@ def advance(session: TrainingSession) -> PendingLoss:
                        prior=None if parts.prior is None else parts.prior.detach(), lr=lr)
 
 
-def _attention_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """Under execution.deterministic, attention on a GPU trains with the plain matrix-product kernel: the fused
-    kernels' backward passes add up their gradients with atomic operations, in no fixed order (more memory for the
-    attention scores, the same numbers every time)."""
-    if device.type != "cuda" or not deterministic_kernels():
+def _attention(math: bool) -> contextlib.AbstractContextManager:
+    """With `math` (execution.deterministic on a GPU), attention trains with the plain matrix-product kernel: the
+    fused kernels' backward passes add up their gradients with atomic operations, in no fixed order (more memory
+    for the attention scores, the same numbers every time)."""
+    if not math:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -126,6 +126,7 @@ class TrainingSession:
     trainable_params: int = 0  # elements of the parameters the method trains
     compiled: TrainingCompile | None = None  # how the UNet runs compiled in this session; None: eager
     eager_unet: bool = False  # the UNet is compiled (for an earlier run) but this session runs it eagerly
+    math_attention: bool = False  # execution.deterministic on a GPU: attention trains with the plain kernel
 
     @property
     def trained_modules(self) -> list[torch.nn.Module]:
