@@ -6,11 +6,13 @@ and all of the steps, a class-image pool, DPM-Solver++ evaluation images, tiny e
 `run_experiment.py` on it twice, each time from scratch in its own folder so both do the same work: with
 `--gpus 0` (one worker, in the command's process) and with `--gpus 0,1` (one worker process per GPU). Prints both
 wall times, the ratio (the target is 0.6 or less), and whether the CSV rows agree apart from the timing columns;
-writes the same into bench_multi_gpu.json in the work folder. Random weights: the timings are real, the metrics
-mean nothing.
+writes the same into bench_multi_gpu.json in the work folder. With two workers it also records what each worker did
+when (its status file, read every half second): the timeline shows what stayed serial. Random weights: the timings
+are real, the metrics mean nothing.
 
     python benchmarks/bench_multi_gpu.py --workdir /scratch/bench_multi_gpu        # 2 GPUs, about 12 minutes
     python benchmarks/bench_multi_gpu.py --part one; ... --part two                 # the same in two commands
+    python benchmarks/bench_multi_gpu.py --execution deterministic=true            # both parts with this setting
     python benchmarks/bench_multi_gpu.py --tiny --workdir /var/tmp/bmg              # CPU check of the script
 """
 
@@ -21,6 +23,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,19 +71,80 @@ def write_protocol(work: Path, tiny: bool, steps: int) -> Path:
     return path
 
 
+class Timeline:
+    """What each worker did when: the (run, activity) of every worker's status file, read every `every` seconds
+    while the study runs, as segments in seconds from the start (the files go when the study ends cleanly)."""
+
+    def __init__(self, workers_dir: Path, every: float = 0.5):
+        self.workers_dir, self.every = workers_dir, every
+        self.started = time.time()
+        self.segments: dict[str, list[dict]] = {}  # worker -> [{"start", "end", "run_key", "activity"}]
+        self.finished: dict[str, list[dict]] = {}  # worker -> its status's list of finished runs
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> Timeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every):
+            for path in self.workers_dir.glob("*/*.json"):
+                try:
+                    status = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue  # replaced while read
+                self._note(path.stem, status)
+
+    def _note(self, worker: str, status: dict) -> None:
+        now = round(status.get("updated", time.time()) - self.started, 1)
+        activity = " ".join(w for w in str(status.get("activity", "")).split() if not w[:1].isdigit())
+        what = (status.get("run_key"), activity if status.get("state") != "finished" else "finished")
+        segments = self.segments.setdefault(worker, [])
+        if segments and (segments[-1]["run_key"], segments[-1]["activity"]) == what:
+            segments[-1]["end"] = now
+        else:
+            if segments:
+                segments[-1]["end"] = now
+            segments.append({"start": now, "end": now, "run_key": what[0], "activity": what[1]})
+        self.finished[worker] = status.get("finished", [])
+
+    def summary(self) -> dict:
+        """Per worker: seconds per activity (runs' activities added up), when its last run ended, its runs."""
+        out = {}
+        for worker, segments in sorted(self.segments.items()):
+            seconds: dict[str, float] = {}
+            for s in segments:
+                seconds[s["activity"]] = round(seconds.get(s["activity"], 0.0) + s["end"] - s["start"], 1)
+            ends = [s["end"] for s in segments if s["run_key"]]
+            out[worker] = {"seconds": seconds, "last_run_ended": max(ends) if ends else None,
+                           "runs": self.finished.get(worker, []), "segments": segments}
+        return out
+
+
 def run_part(work: Path, protocol: Path, name: str, flags: list[str]) -> dict:
     folder = work / name
     shutil.rmtree(folder, ignore_errors=True)  # from scratch: caches, pools and reference rows included
     folder.mkdir(parents=True)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, str(REPO / "run_experiment.py"), str(protocol), *flags], cwd=folder,
-                            text=True, capture_output=True)
+    with Timeline(folder / "runs" / ".workers") as timeline:
+        result = subprocess.run([sys.executable, str(REPO / "run_experiment.py"), str(protocol), *flags],
+                                cwd=folder, text=True, capture_output=True)
     wall = time.perf_counter() - started
     (folder / "output.txt").write_text(result.stdout + result.stderr)
     print(result.stdout[-3000:], flush=True)
     metadata = folder / "results" / "multi_gpu" / "metadata.json"
     timings = json.loads(metadata.read_text()).get("timings") if metadata.is_file() else None
-    return {"flags": flags, "exit": result.returncode, "wall_seconds": round(wall, 1), "timings": timings}
+    workers = timeline.summary()
+    for worker, summary in workers.items():
+        print(f"  {worker}: last run ended at {summary['last_run_ended']} s; "
+              + ", ".join(f"{a or 'idle'} {s} s" for a, s in summary["seconds"].items()), flush=True)
+    return {"flags": flags, "exit": result.returncode, "wall_seconds": round(wall, 1), "timings": timings,
+            "workers": workers}
 
 
 def compare(work: Path) -> dict:
@@ -111,6 +175,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps of each run (snapshots at half)")
     parser.add_argument("--part", choices=("one", "two", "both"), default="both")
     parser.add_argument("--tiny", action="store_true", help="the tiny model on CPU workers: checks the script")
+    parser.add_argument("--execution", metavar="KEY=VALUE", action="append", default=[],
+                        help="passed on to run_experiment.py in both parts, e.g. deterministic=true")
     args = parser.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -120,6 +186,7 @@ def main() -> int:
     results = json.loads(out.read_text()) if out.is_file() and args.part != "both" else {"parts": {}}
     for part in ("one", "two") if args.part == "both" else (args.part,):
         label, flags = labels[part]
+        flags = [*flags, *(f for item in args.execution for f in ("--execution", item))]
         print(f"== {label}: run_experiment.py {protocol.name} {' '.join(flags)}", flush=True)
         results["parts"][part] = run_part(work, protocol, part, flags)
     parts = results["parts"]

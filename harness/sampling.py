@@ -111,6 +111,9 @@ def read_samples(out_dir: Path, requests: Sequence[SampleRequest]) -> list[dict[
     return records
 
 
+MAX_BATCH = 32
+
+
 def default_batch_size(device: torch.device, resolution: int) -> int:
     """A batch that fits comfortably: large on big GPUs, small elsewhere (guidance doubles the UNet batch)."""
     import torch
@@ -118,8 +121,13 @@ def default_batch_size(device: torch.device, resolution: int) -> int:
     if device.type != "cuda":
         return 4
     free, _ = torch.cuda.mem_get_info(device)
+    return batch_for_memory(free, resolution)
+
+
+def batch_for_memory(free_bytes: float, resolution: int) -> int:
+    """The default sampling batch with `free_bytes` of GPU memory free: 60% of it for images, at most MAX_BATCH."""
     per_image = 0.6e9 * (resolution / 512) ** 2  # measured order of magnitude for SD1.5 at fp16 with guidance
-    return int(max(1, min(32, (free * 0.6) // per_image)))
+    return int(max(1, min(MAX_BATCH, (free_bytes * 0.6) // per_image)))
 
 
 def generate(

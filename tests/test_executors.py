@@ -274,16 +274,48 @@ def test_only_the_workers_on_the_preparing_gpu_wait_for_the_preparation(monkeypa
         runs = ()
         plan = type("Plan", (), {"protocol": None})()
 
-    for preparing, slots, waiting in (
-            ("3", [Slot("gpu3", "cuda:0", "3"), Slot("gpu5", "cuda:0", "5")], {"gpu3"}),
-            (None, [Slot("cpu0", "cpu"), Slot("cpu1", "cpu")], {"cpu0", "cpu1"})):
+    gpus = [Slot("gpu3", "cuda:0", "3"), Slot("gpu5", "cuda:0", "5")]
+    for preparing, shared, slots, waiting in (
+            ("3", False, gpus, {"gpu3"}),
+            ("3", True, gpus, set()),  # the preparing GPU has room for a worker too
+            (None, False, [Slot("cpu0", "cpu"), Slot("cpu1", "cpu")], {"cpu0", "cpu1"})):
         started.clear()
-        pool = WorkerPool(Job(), slots, Path("."), view=None, preparing=preparing)
+        pool = WorkerPool(Job(), slots, Path("."), view=None, preparing=preparing, shared=shared)
         monkeypatch.setattr(pool.context, "Process", Process)
         for slot in slots:
             pool.start(slot)
         assert {o.slot.name for o in started if o.after_preparation} == waiting
         pool.close()
+
+
+def test_the_preparing_gpu_takes_a_worker_only_where_no_sampling_batch_changes():
+    from harness.executors.local import SHARING_RESERVE_BYTES, room_to_share
+    from harness.sampling import MAX_BATCH, batch_for_memory
+
+    gib = 2**30
+    assert batch_for_memory(79 * gib, 512) == MAX_BATCH
+    assert room_to_share(79 * gib, [512])  # an 80 GB card: the batch of 32 stays with 16 GiB taken
+    assert not room_to_share(79 * gib, [512, 768])  # 768 px: 32 images need more than what would be left
+    assert batch_for_memory(79 * gib - SHARING_RESERVE_BYTES, 768) < batch_for_memory(79 * gib, 768)
+    assert not room_to_share(23 * gib, [512])  # a 24 GB card: the batch is already below 32
+    assert not room_to_share(40 * gib, [512])  # 40 GiB alone gives 32 images, 24 GiB would give fewer
+    assert room_to_share(48 * gib, [256, 512])
+
+
+def test_workers_starting_during_the_preparation_get_runs_without_class_images_first():
+    from harness.class_images import pool_for
+    from harness.executors.local import preparation_order
+    from harness.grid import expand
+
+    runs = expand(load_protocol(REPO / "protocols" / "smoke.yaml"))
+    with_pool = [r for r in runs if pool_for(r) is not None]
+    without = [r for r in runs if pool_for(r) is None]
+    assert len(with_pool) == 2 and len(without) == 1
+    given = [with_pool[0], *without, with_pool[1]]
+    assert preparation_order(given, 0) == given
+    assert preparation_order(given, 1) == [*without, *with_pool]
+    assert preparation_order(given, 2) == [*without, *with_pool]  # no more runs without class images
+    assert preparation_order(with_pool, 2) == with_pool
 
 
 def leftovers(root: Path, but: str | None = None) -> list[Path]:

@@ -6,9 +6,12 @@
 - One worker (one GPU, no GPU, or --device): it runs in the command's own process, exactly as a study always ran.
 
 The command's process starts the workers, prepares while they import the libraries and load the model (on the first
-worker's device, then frees it), puts every selected run on one queue (longest first; each run is taken once per
-invocation, and the run store's lock keeps a run that another invocation holds from being worked on twice), draws
-one view of the workers' status files, and collects at the end.
+worker's device, then frees it), puts every selected run on one queue (longest first, except that the workers
+taking runs during the preparation get runs without class images first; each run is taken once per invocation, and
+the run store's lock keeps a run that another invocation holds from being worked on twice), draws one view of the
+workers' status files, and collects at the end. The workers on the other GPUs take runs at once; those on the
+preparing GPU too when it has room for both without changing a sampling batch (`room_to_share`), else after the
+preparation.
 A worker that dies (killed, out of host memory, a crash) has its run recorded as failed with the reason and the
 path of its log; a new worker takes its place, and the next invocation resumes the run from its last snapshot or
 checkpoint. Ctrl-C or SIGTERM stops every worker where it is (every file is written atomically), waits for them,
@@ -26,7 +29,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,7 +158,11 @@ def run_workers(job: StudyJob, slots: list[Slot]) -> StudyOutcome:
     first_gpu = next((s.visible for s in slots if s.visible is not None), None)
     parent_device = "cpu" if first_gpu is None else f"cuda:{_visible_index(first_gpu)}"
     folder = Path(protocol.output.runs_dir) / WORKERS_DIR / f"{socket.gethostname()}-{os.getpid()}"
-    pool = WorkerPool(job, slots, folder, view, preparing=first_gpu)
+    resolutions = {r.train.resolution for r in job.runs}
+    shared = first_gpu is not None and room_to_share(_free_memory(parent_device), resolutions)
+    if shared:
+        log.info("the worker on GPU %s takes runs while the study is prepared on it (room for both)", first_gpu)
+    pool = WorkerPool(job, slots, folder, view, preparing=first_gpu, shared=shared)
 
     def show_preparation(status: WorkerStatus) -> None:
         view.update(status)
@@ -167,8 +174,9 @@ def run_workers(job: StudyJob, slots: list[Slot]) -> StudyOutcome:
         view.print(_header(protocol, len(job.runs), f"{len(slots)} workers ({', '.join(s.name for s in slots)})"))
         try:
             # The workers start now and load the model while this process prepares. Those on the other GPUs then
-            # take runs at once (a run that needs a class-image pool waits on the pool's lock until it is grown);
-            # the preparing GPU's own workers wait until preparation is done.
+            # take runs at once (runs without class images first: a run that needs a class-image pool waits on the
+            # pool's lock until it is grown); the preparing GPU's own workers too when it has room for both
+            # (`shared`), else they wait until preparation is done.
             pool.start_all()
             prepare(job.plan, study, job.runs)
             study.release_models()  # the GPU goes to its workers
@@ -208,7 +216,8 @@ def _remove_folder(folder: Path) -> None:
 class WorkerPool:
     """The worker processes of one invocation, the queue they share, and what the view learns from them."""
 
-    def __init__(self, job: StudyJob, slots: list[Slot], folder: Path, view: StudyView, preparing: str | None):
+    def __init__(self, job: StudyJob, slots: list[Slot], folder: Path, view: StudyView, preparing: str | None,
+                 shared: bool = False):
         import multiprocessing
 
         self.job = job
@@ -216,9 +225,11 @@ class WorkerPool:
         self.folder = folder
         self.view = view
         self.preparing = preparing  # CUDA_VISIBLE_DEVICES id of the GPU this process prepares on (None: the CPU)
+        self.shared = shared  # the preparing GPU's workers take runs during the preparation too
         self.context = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA starts in the child
         self.queue = self.context.Queue()
-        for run in job.runs:
+        early = sum(not self.waits_for_preparation(s) for s in slots)
+        for run in preparation_order(job.runs, early):
             self.queue.put(run.run_key)
         self.prepared = self.context.Event()
         self.processes: dict[str, Any] = {}
@@ -232,6 +243,11 @@ class WorkerPool:
         self.folder.mkdir(parents=True, exist_ok=True)
         for slot in self.slots:
             self.start(slot)
+
+    def waits_for_preparation(self, slot: Slot) -> bool:
+        """Whether a worker takes runs only once the preparation is done: on the device this process prepares on,
+        unless that GPU has room for both; CPU workers always (they would share the cores)."""
+        return slot.visible == self.preparing and not self.shared
 
     def preparation_done(self) -> None:
         """Lets the workers on the preparing device take runs."""
@@ -255,7 +271,7 @@ class WorkerPool:
         self.queue.put(None)  # this worker's end of the queue
         order = WorkerOrder(protocol=self.job.plan.protocol, runs=self.job.runs, slot=replace(slot, name=name),
                             status_path=self.folder / f"{name}.json", log_path=self.folder / f"{name}.log",
-                            after_preparation=slot.visible == self.preparing)
+                            after_preparation=self.waits_for_preparation(slot))
         process = self.context.Process(target=worker_main, args=(order, self.queue, self.prepared),
                                        name=f"harness-{name}", daemon=False)
         with _environment(**worker_environment(slot, len(self.slots))):
@@ -378,6 +394,39 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
     except OSError:
         return ""
+
+
+# What a training worker may hold beside the preparation on one GPU: SD 1.5 in `fast` mode, compiled, takes
+# 11 GiB as nvidia-smi counts it (benchmarks/README.md), and a second process has its own CUDA context.
+SHARING_RESERVE_BYTES = 16 * 2**30
+
+
+def room_to_share(free_bytes: float, resolutions: Iterable[int]) -> bool:
+    """Whether the GPU the command prepares on can run a worker during the preparation: when `SHARING_RESERVE_BYTES`
+    less free memory leaves every default sampling batch as it is. The batches decide the images bit for bit, so
+    sharing changes no result; and a batch still at its largest leaves the worker its room."""
+    from harness.sampling import batch_for_memory
+
+    return all(batch_for_memory(free_bytes - SHARING_RESERVE_BYTES, r) == batch_for_memory(free_bytes, r)
+               for r in resolutions)
+
+
+def preparation_order(runs: Iterable[RunSpec], early: int) -> list[RunSpec]:
+    """The queue's order: the runs as given (longest first), except that the first `early` runs, those the workers
+    that start during the preparation take, are runs without class images where there are such, so they train at
+    once instead of waiting for the preparation to grow the class-image pools."""
+    from harness.class_images import pool_for
+
+    runs = list(runs)
+    first = [r for r in runs if pool_for(r) is None][:early]
+    return [*first, *(r for r in runs if r not in first)]
+
+
+def _free_memory(device: str) -> int:
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return free
 
 
 def worker_environment(slot: Slot, workers: int) -> dict[str, str | None]:

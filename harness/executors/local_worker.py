@@ -3,8 +3,9 @@
 A worker is started with `spawn` (a fresh interpreter: CUDA starts in the child), pinned to its GPU by the
 environment its parent gives it. It sends its output to its log file, publishes its status for the command's view,
 and loads the model while the command's process prepares the study. It then takes runs from the shared queue until
-it reads its end marker: at once on a GPU of its own, after the preparation on the device the command prepares on
-(the two would share its memory). Ctrl-C or SIGTERM stops it where it is; it stops too when its parent dies.
+it reads its end marker: at once on a GPU of its own, and on the device the command prepares on either at once too
+(when the GPU has room for both) or after the preparation. Ctrl-C or SIGTERM stops it where it is; it stops too
+when its parent dies.
 
 What this module does not hold: the pool of workers and the command's side (local.py), what a run is (execute.py).
 """
@@ -49,7 +50,7 @@ class WorkerOrder:
     slot: Slot
     status_path: Path
     log_path: Path
-    after_preparation: bool = True  # it shares the preparing device: it takes runs once preparation is done
+    after_preparation: bool = True  # it takes runs once preparation is done (it would share the preparing device)
 
 
 class _QueueOfRuns:
