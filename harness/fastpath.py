@@ -1,4 +1,5 @@
-"""When the compiled fast paths run: the `compile: auto|on|off` settings of training and sampling, resolved.
+"""When the compiled fast paths run: the `compile: auto|on|off` settings of training and sampling, resolved; and,
+by the same reasoning, when a training run lets cuDNN time its convolution algorithms (`autotune_training`).
 
 torch.compile costs minutes before it saves a second, so `auto` compiles only where the work ahead pays the
 compilation back:
@@ -120,6 +121,30 @@ def decide(setting: str | bool, device_type: str, work: int, payback: Payback | 
                               f"from ~{needed:.0f} ({payback.source})")
     return Decision(False, f"auto: eager, {work} {unit} are fewer than the ~{needed:.0f} that pay back "
                            f"~{payback.compile_seconds:.0f} s of compilation ({payback.source})")
+
+
+# cuDNN's autotuning (torch.backends.cudnn.benchmark) times every convolution algorithm the first time it meets an
+# input shape. Measured on an H200 (full-size SD 1.5, 512 px, bf16, checkpointing, eager, this process's first and
+# second batch shapes): 21 and 13 s more for the first step of a new batch shape, for 0.009-0.027 s saved on every
+# later step (benchmarks/README.md). One shape pays back after about 1,000 steps, and a study trains up to two
+# (with and without class images), hence:
+AUTOTUNE_PAYBACK_STEPS = 1500
+
+
+def autotune_training(device_type: str, steps: int, compiled: bool, deterministic: bool) -> tuple[bool, str]:
+    """Whether cuDNN times its algorithms for a training run, and why: `steps` is the larger of the run's and the
+    study's (as for `compile`). Never on a CPU or under execution.deterministic (timing picks the algorithm, so two
+    processes may pick differently); always for a compiled UNet, whose minutes of compilation dwarf the timing."""
+    if device_type != "cuda":
+        return (False, "no cuDNN here")
+    if deterministic:
+        return (False, "cuDNN not autotuned under execution.deterministic")
+    if compiled:
+        return (True, "cuDNN autotuned (compiled: the timing is small beside the compilation)")
+    if steps >= AUTOTUNE_PAYBACK_STEPS:
+        return (True, f"cuDNN autotuned: {steps} steps pay back its timing from ~{AUTOTUNE_PAYBACK_STEPS}")
+    return (False, f"cuDNN not autotuned: {steps} steps are fewer than the ~{AUTOTUNE_PAYBACK_STEPS} that pay "
+                   "back its timing of each new shape (~15 s)")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -58,6 +58,35 @@ def test_deterministic_execution_keeps_auto_eager_and_compile_true_compiled():
     assert decide(True, "cuda", 1, PAYBACK, "steps", deterministic=True).compile is True
 
 
+@pytest.mark.parametrize("device, steps, compiled, deterministic, autotunes", [
+    ("cuda", fastpath.AUTOTUNE_PAYBACK_STEPS, False, False, True),
+    ("cuda", fastpath.AUTOTUNE_PAYBACK_STEPS - 1, False, False, False),  # a short study: ~15 s a shape lost
+    ("cuda", 20, True, False, True),  # compiled: seconds of timing beside minutes of compilation
+    ("cuda", 100_000, True, True, False),  # deterministic: timing may pick another algorithm in each process
+    ("cpu", 100_000, False, False, False),
+])
+def test_cudnn_times_its_algorithms_only_where_the_steps_pay_it_back(device, steps, compiled, deterministic,
+                                                                   autotunes):
+    autotune, why = fastpath.autotune_training(device, steps, compiled, deterministic)
+    assert autotune is autotunes
+    assert ("not autotuned" in why or device == "cpu") is not autotunes
+
+
+def test_a_run_autotunes_by_the_studys_steps_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(fastpath, "_study", fastpath.StudyWork())
+    run = make_run(tmp_path, snapshot_steps=(4,))
+    method = trainer.make_method(run)
+    unet = build_tiny_components().unet
+    monkeypatch.setattr(trainer, "decide_training", lambda *a: (fastpath.Decision(False, "eager"), None))
+    with caplog.at_level("INFO", logger="harness.trainer.loop"):
+        short = trainer.run_speedups(run, method, unet, torch.device("cuda"), 4)
+        fastpath.expect_study(WorkEstimate(training_runs=7, optimizer_steps=8400, snapshots=0, class_images=0,
+                                           eval_images=0, base_model_images=0))
+        long = trainer.run_speedups(run, method, unet, torch.device("cuda"), 4)
+    assert (short.cudnn_benchmark, long.cudnn_benchmark) == (False, True)
+    assert "4 steps are fewer than the ~1500" in caplog.text and "8400 steps pay back" in caplog.text
+
+
 def test_an_unknown_setting_is_refused():
     for bad in ("on", 1, None):
         with pytest.raises(ValueError, match="auto, true or false"):

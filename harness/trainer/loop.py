@@ -41,7 +41,7 @@ import torch
 from harness.caches import TrainingData
 from harness.config import TrainSpec
 from harness.devices import deterministic_kernels
-from harness.fastpath import eager
+from harness.fastpath import autotune_training, eager, study_work
 from harness.grid import RunSpec
 from harness.losses import LossParts, diffusion_target, min_snr_weights, prior_preservation_loss, signal_to_noise
 from harness.methods import Method, method_class
@@ -93,8 +93,9 @@ class Speedups:
 
 
 def default_speedups(device: torch.device | str) -> Speedups:
-    """What measured fastest on an H100 (bench_train.py): cuDNN autotuning (about 13% a step); no channels_last
-    (slower). Compilation is decided per run (compiled.decide_training)."""
+    """What measured fastest per step on an H100 (bench_train.py): cuDNN autotuning (about 13% a step); no
+    channels_last (slower). A run decides compilation and autotuning for itself (`run_speedups`): autotuning costs
+    seconds for each new batch shape, which a short study never wins back."""
     return Speedups(cudnn_benchmark=torch.device(device).type == "cuda" and not deterministic_kernels())
 
 
@@ -163,8 +164,8 @@ def apply_speedups(unet: torch.nn.Module, device: torch.device, speedups: Speedu
         unet.to(memory_format=torch.channels_last)
     if speedups.compile is not None and compile_unet(unet, speedups.compile):
         log.info("UNet compiled for training (%s); the first steps compile it", speedups.compile.describe())
-    if speedups.cudnn_benchmark and device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = speedups.cudnn_benchmark  # process-wide: each session says what it wants
 
 
 def offload_frozen(method: Method, components: Components) -> None:
@@ -439,10 +440,13 @@ def _synchronize(device: torch.device) -> None:
 
 def run_speedups(run: RunSpec, method: Method, unet: torch.nn.Module, device: torch.device,
                  end_step: int) -> Speedups:
-    """The default speedups plus the compilation `train.compile` resolves to for this run (logged with why)."""
+    """The default speedups with the compilation `train.compile` resolves to for this run and whether cuDNN times
+    its algorithms (both logged with why)."""
     decision, variant = decide_training(run.train, method, unet, device, end_step)
-    log.info("run %s: training %s (%s)", run.run_key, "compiled" if variant else "eager", decision.reason)
-    return replace(default_speedups(device), compile=variant)
+    autotune, why = autotune_training(device.type, max(end_step, study_work().training_steps), variant is not None,
+                                      deterministic_kernels())
+    log.info("run %s: training %s (%s); %s", run.run_key, "compiled" if variant else "eager", decision.reason, why)
+    return replace(default_speedups(device), cudnn_benchmark=autotune, compile=variant)
 
 
 def out_of_memory_message(spec: TrainSpec, method: Method, run_key: str, detail: str) -> str:
