@@ -125,7 +125,7 @@ def decide(setting: str | bool, device_type: str, work: int, payback: Payback | 
 
 # cuDNN's autotuning (torch.backends.cudnn.benchmark) times every convolution algorithm the first time it meets an
 # input shape. Measured on an H200 (full-size SD 1.5, 512 px, bf16, checkpointing, eager, this process's first and
-# second batch shapes): 21 and 13 s more for the first step of a new batch shape, for 0.009-0.027 s saved on every
+# second batch shapes): 21 and 13 s more for the first step of a new batch shape, for 0.006-0.027 s saved on every
 # later step (benchmarks/README.md). One shape pays back after about 1,000 steps, and a study trains up to two
 # (with and without class images), hence:
 AUTOTUNE_PAYBACK_STEPS = 1500
