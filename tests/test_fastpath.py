@@ -174,14 +174,15 @@ def test_the_shipped_table_loads_and_holds_only_known_figures():
                 assert path == "eager" or "compile_seconds" in fig, (gpu, key, path)
 
 
-def protocol_plan(write_protocol, steps: int = 1000, compile: str = "auto"):
+def protocol_plan(write_protocol, steps: int = 1000, compile: str = "auto", eval_compile: str = "auto"):
     photos = write_images(Path(write_protocol("").parent) / "photos", n=3, size=256)  # big enough for 512 px
     path = write_protocol(f"""
         model: {{id: tiny}}
         subjects: [{{name: dog, instance_dir: {photos}, class_noun: dog}}]
         train: {{resolution: 512, steps: {steps}, num_class_images: 10, compile: {compile}}}
         class_images: {{compile: true}}
-        eval: {{backbones: tiny, seeds: [0, 1], max_subject_prompts: 2, class_prompts: ["a {{class}}"]}}
+        eval: {{backbones: tiny, seeds: [0, 1], max_subject_prompts: 2, class_prompts: ["a {{class}}"],
+                compile: {eval_compile}}}
     """)
     return make_plan(load_protocol(path))
 
@@ -205,6 +206,25 @@ def test_the_estimate_adds_each_phase_from_the_gpus_figures(table, write_protoco
     assert phases["scoring"].seconds == pytest.approx(12 / 100.0)
     assert "total" in lines[-1] and "3 min" in lines[-1]  # 200 + 5 + 3 + 0.12 s
     assert "training" in text and "1000 steps" in text
+
+
+def test_the_sampling_kinds_share_one_compile_time(monkeypatch, write_protocol):
+    table = json.loads(json.dumps(TABLE))
+    figures = table["gpus"][H100]
+    # measured after the evaluation images had compiled the UNet that class images render through too
+    figures["sampling.class"]["compiled"] = figure(images_per_second=4.0, compile_seconds=0.1)
+    assert throughput.compile_seconds(figures, "sampling.class") == 50.0
+    assert throughput.compile_seconds(figures, "sampling.eval") == 50.0
+    assert throughput.compile_seconds(figures, "train.dreambooth.fast.checkpointing") == 100.0
+    assert throughput.compile_seconds(TABLE["gpus"][H100], "sampling.class") is None  # no compiled figure
+    monkeypatch.setattr(throughput, "load_table", lambda path=None: table)
+    payback = throughput.payback_for("sampling", "sampling.class", H100)
+    assert payback.compile_seconds == 50.0 and payback.break_even() == pytest.approx(50 / (1 / 2.0 - 1 / 4.0))
+    # Both kinds compiled (`compile: true`): the class images pay the compilation, the evaluation images find it.
+    plan = protocol_plan(write_protocol, steps=1000, eval_compile="true")
+    phases = {p.phase: p for p in throughput.estimate_phases(plan.protocol, plan.runs, plan.work, figures, H100)}
+    assert phases["class images"].seconds == pytest.approx(10 / 4.0 + 50.0)
+    assert phases["sampling"].seconds == pytest.approx(12 / 8.0)
 
 
 def test_the_estimate_scales_to_the_protocols_settings_and_follows_compile_off(table, write_protocol):
