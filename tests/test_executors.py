@@ -294,12 +294,13 @@ def test_the_preparing_gpu_takes_a_worker_only_where_no_sampling_batch_changes()
 
     gib = 2**30
     assert batch_for_memory(79 * gib, 512) == MAX_BATCH
-    assert room_to_share(79 * gib, [512])  # an 80 GB card: the batch of 32 stays with 16 GiB taken
+    assert room_to_share(79 * gib, [512])  # an 80 GB card: the batch of 32 stays with a worker's 32 GiB taken
     assert not room_to_share(79 * gib, [512, 768])  # 768 px: 32 images need more than what would be left
     assert batch_for_memory(79 * gib - SHARING_RESERVE_BYTES, 768) < batch_for_memory(79 * gib, 768)
     assert not room_to_share(23 * gib, [512])  # a 24 GB card: the batch is already below 32
-    assert not room_to_share(40 * gib, [512])  # 40 GiB alone gives 32 images, 24 GiB would give fewer
-    assert room_to_share(48 * gib, [256, 512])
+    assert not room_to_share(47 * gib, [512])  # a 48 GB card: 32 images alone, fewer beside a worker
+    assert batch_for_memory(47 * gib, 512) == MAX_BATCH
+    assert room_to_share(70 * gib, [256, 512])
 
 
 def test_workers_starting_during_the_preparation_get_runs_without_class_images_first():

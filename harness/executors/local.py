@@ -396,9 +396,10 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-# What a training worker may hold beside the preparation on one GPU: SD 1.5 in `fast` mode, compiled, takes
-# 11 GiB as nvidia-smi counts it (benchmarks/README.md), and a second process has its own CUDA context.
-SHARING_RESERVE_BYTES = 16 * 2**30
+# What a training worker may hold beside the preparation on one GPU: SD 1.5 in `fast` mode, compiled, takes 11 GiB
+# as nvidia-smi counts it, and sampling a snapshot's images (batch 32, 512 px) up to 20 GiB more for a moment
+# (benchmarks/README.md); the worker's CUDA context comes on top.
+SHARING_RESERVE_BYTES = 32 * 2**30
 
 
 def room_to_share(free_bytes: float, resolutions: Iterable[int]) -> bool:
