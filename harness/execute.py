@@ -169,6 +169,7 @@ def execute_run(study: Study, run: RunSpec) -> tuple[str, str]:
         study.reporter.activity("caches (latents, text)")
         with study.timings.phase("caches (latents, text)"), failing_phase("prepare"):
             data = training_data(study, run, components)
+        study.reporter.activity("train (starting)")  # the first step loads kernels (and may time cuDNN's)
         with study.timings.phase("training"), failing_phase("train"):
             train(run, folder, components, data, snapshot_callback(study, folder), study.device,
                   pending_snapshots=state.to_sample, on_step=step_callback(study))
