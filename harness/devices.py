@@ -5,7 +5,7 @@
 exists, raising `DeviceError` (a setup error: exit status 2) with the ways out.
 
 `use_deterministic_kernels` is `execution.deterministic`: the settings under which a GPU gives the same numbers in
-every process.
+every process; `set_cudnn_autotuning` respects it.
 
 What this module does not hold: placing modules on a device (models.placed) or anything that runs there.
 """
@@ -97,3 +97,11 @@ def deterministic_kernels() -> bool:
     import torch
 
     return torch.are_deterministic_algorithms_enabled()
+
+
+def set_cudnn_autotuning(on: bool) -> None:
+    """Lets cuDNN time its algorithms for each new input shape, or not (a process-wide setting): the one place that
+    turns it on, so it stays off under deterministic kernels whoever asks."""
+    import torch
+
+    torch.backends.cudnn.benchmark = on and not deterministic_kernels()

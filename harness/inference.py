@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from harness.devices import deterministic_kernels
+from harness.devices import deterministic_kernels, set_cudnn_autotuning
 from harness.fastpath import Decision, compiler_problem, decide, eager, study_work
 from harness.models import Components, make_pipeline, placed
 from harness.throughput import payback_for
@@ -137,8 +137,8 @@ def compiled_components(components: Components, source_unet: torch.nn.Module, de
     if not fits(source_unet.state_dict(), models.unet) or not fits(components.vae.state_dict(), models.vae):
         yield None
         return
-    if device.type == "cuda" and not deterministic_kernels():
-        torch.backends.cudnn.benchmark = True  # static shapes: the timed algorithms serve every batch
+    if device.type == "cuda":
+        set_cudnn_autotuning(True)  # static shapes: the timed algorithms serve every batch
     _materialise(models, source_unet, components.vae)
     try:
         # The text encoder moves without a cast (autocast computes in half precision): casting float32 weights

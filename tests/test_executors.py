@@ -46,6 +46,7 @@ def test_the_execution_section_is_typed_and_checked(write_protocol):
 def test_a_deterministic_study_asks_torch_for_deterministic_kernels(write_protocol, monkeypatch):
     import torch
 
+    from harness.devices import set_cudnn_autotuning
     from harness.study import Study
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
@@ -55,9 +56,12 @@ def test_a_deterministic_study_asks_torch_for_deterministic_kernels(write_protoc
         Study.open(protocol, "cpu")
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
         assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        set_cudnn_autotuning(True)  # what a compiled sampler or a long training run asks for
+        assert not torch.backends.cudnn.benchmark
     finally:  # process-wide settings: the other tests run without them
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = False
 
 
 def test_command_line_overrides_are_checked_like_the_protocol(write_protocol):

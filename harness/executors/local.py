@@ -420,7 +420,8 @@ def preparation_order(runs: Iterable[RunSpec], early: int) -> list[RunSpec]:
 
     runs = list(runs)
     first = [r for r in runs if pool_for(r) is None][:early]
-    return [*first, *(r for r in runs if r not in first)]
+    taken = {r.run_key for r in first}
+    return [*first, *(r for r in runs if r.run_key not in taken)]
 
 
 def _free_memory(device: str) -> int:

@@ -40,7 +40,7 @@ import torch
 
 from harness.caches import TrainingData
 from harness.config import TrainSpec
-from harness.devices import deterministic_kernels
+from harness.devices import deterministic_kernels, set_cudnn_autotuning
 from harness.fastpath import autotune_training, eager, study_work
 from harness.grid import RunSpec
 from harness.losses import LossParts, diffusion_target, min_snr_weights, prior_preservation_loss, signal_to_noise
@@ -96,7 +96,7 @@ def default_speedups(device: torch.device | str) -> Speedups:
     """What measured fastest per step on an H100 (bench_train.py): cuDNN autotuning (about 13% a step); no
     channels_last (slower). A run decides compilation and autotuning for itself (`run_speedups`): autotuning costs
     seconds for each new batch shape, which a short study never wins back."""
-    return Speedups(cudnn_benchmark=torch.device(device).type == "cuda" and not deterministic_kernels())
+    return Speedups(cudnn_benchmark=torch.device(device).type == "cuda")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def apply_speedups(unet: torch.nn.Module, device: torch.device, speedups: Speedu
     if speedups.compile is not None and compile_unet(unet, speedups.compile):
         log.info("UNet compiled for training (%s); the first steps compile it", speedups.compile.describe())
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = speedups.cudnn_benchmark  # process-wide: each session says what it wants
+        set_cudnn_autotuning(speedups.cudnn_benchmark)  # process-wide: each session says what it wants
 
 
 def offload_frozen(method: Method, components: Components) -> None:
