@@ -90,7 +90,7 @@ def variant_jobs(device: str, tiny: bool, backend: str) -> list[tuple[str, Path,
         train("fast", True, "full", 240),
         sample("compiled-fuse-cl", ["eval"], [], 150),
         sample("compiled+graphs", ["eval"], [], 180),
-        train("low_memory", True, "regional+graphs", 150),
+        train("low_memory", True, "regional", 150),
         sample("eager", ["eval"], [8, 16], 120),
     ]
 

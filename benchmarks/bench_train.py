@@ -14,7 +14,8 @@ method's default settings (LoRA rank 4 on the UNet; Custom Diffusion's cross-att
 Class-image generation is measured by bench_eval.py.
 
 Variants: `eager`; `on` (what `train.compile: true` runs for the mode: harness/trainer/compiled.py ON); or a scope
-and CUDA graphs spelled out: `full`, `full+graphs`, `regional`, `regional+graphs`.
+and CUDA graphs spelled out: `full`, `full+graphs`, `regional`, `regional+graphs`, `blocks` (transformer and
+ResNet blocks), `blocks+graphs`.
 
     python benchmarks/bench_train.py --variants eager,on --out $OUT        # GPU
     python benchmarks/bench_train.py --modes fast --checkpointing off --variants eager,on,full,regional+graphs
@@ -52,7 +53,7 @@ from benchlib import (
 
 SCRIPT = Path(__file__).resolve()
 METHOD_NAMES = ("dreambooth", "lora", "custom_diffusion")
-VARIANTS = ("eager", "on", "full", "full+graphs", "regional", "regional+graphs")
+VARIANTS = ("eager", "on", "full", "full+graphs", "regional", "regional+graphs", "blocks", "blocks+graphs")
 TARGETS = {  # H100, seconds per step (issue 14)
     ("fast", True): 0.15, ("fast", False): 0.13, ("low_memory", True): 0.30, ("low_memory", False): 0.30,
 }
