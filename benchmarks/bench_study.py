@@ -7,7 +7,7 @@ steps, 4 subject and 2 class prompts x 2 seeds per snapshot, the tiny metric bac
 time of every phase with its work and rate (images/s, s/step), then each run's seconds per step and warm-up, and
 writes them all to study.json.
 
-    python benchmarks/bench_study.py --compile auto --out $OUT     # what a user gets by default (~3 min, H100)
+    python benchmarks/bench_study.py --compile auto --out $OUT     # what a user gets by default (~5 min, H100)
     python benchmarks/bench_study.py --out $OUT                    # compile: true: more than 10 min on an H100,
                                                                    # the training UNet compiles once per batch shape
                                                                    # (with and without class images)
