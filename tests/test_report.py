@@ -35,11 +35,31 @@ def real(write_protocol):
     return load_protocol(write_protocol(smoke_like(name="study", tiny=False), name="real.yaml"))
 
 
+@pytest.fixture(autouse=True)
+def figures_left_undrawn(request, monkeypatch):
+    """Drawing the report's figures into PNGs is most of a report's time, and most tests read only its text or the
+    Figure objects; those get a one-pixel PNG in each figure's place. Tests that ask for `rendered` draw them."""
+    if "rendered" in request.fixturenames:
+        return
+    import harness.report.figures as figures
+
+    def placeholder(figure, path: Path) -> Path:
+        Image.new("RGB", (1, 1)).save(path)
+        return path
+
+    monkeypatch.setattr(figures, "_save", placeholder)
+
+
+@pytest.fixture
+def rendered():
+    """Asks figures_left_undrawn to leave the figures' real drawing in place."""
+
+
 def _row(text: str, label: str, step: int) -> str:
     return next(line for line in text.splitlines() if line.startswith(f"| {label} | {step} |"))
 
 
-def test_every_linked_plot_and_grid_exists_and_links_are_relative(tiny, tmp_path):
+def test_every_linked_plot_and_grid_exists_and_links_are_relative(tiny, tmp_path, rendered):
     text, folder = _report(tiny, tmp_path)
     links = LINK.findall(text)
     images = [link for link in links if link.endswith(".png")]
