@@ -6,9 +6,9 @@ fuses the elementwise work between the large kernels and, with CUDA graphs (mode
 forward and backward kernels with a handful of launches.
 
 Variants (`TrainingCompile`): `full` compiles the whole UNet as one graph (forward and backward); `regional`
-compiles only its repeated transformer blocks (diffusers' compile_repeated_blocks: one compilation serves every
-block of the same shapes, so it compiles in a fraction of the time); `blocks` compiles its ResNet blocks too, one
-compilation per shape of block (about 15 in SD 1.5). What `on` means per memory mode (ON):
+compiles only its repeated transformer blocks, each on its own as diffusers' compile_repeated_blocks does (one
+compilation serves every block of the same shapes, so it compiles in a fraction of the time); `blocks` compiles its
+ResNet blocks too, one compilation per shape of block (about 15 in SD 1.5). What `on` means per memory mode (ON):
 - fast: full, with CUDA graphs;
 - low_memory: blocks, without CUDA graphs. A whole-model backward returns every gradient at the end of the graph,
   which would undo low_memory's stepping and freeing each parameter as its gradient completes; per-block regions
@@ -18,9 +18,9 @@ compilation per shape of block (about 15 in SD 1.5). What `on` means per memory 
   during graph recording that did not occur during replay").
 benchmarks/bench_train.py measures every variant; ON holds the choice.
 
-The UNet is compiled in place (nn.Module.compile, compile_repeated_blocks) and stays compiled, so the next run that
-reuses it (reuse.py) finds it warm. Whatever else calls it (eager sampling of a snapshot, a run with compile off)
-runs it under fastpath.eager(), which never compiles a second graph.
+The UNet is compiled in place (nn.Module.compile, on the whole UNet or on each block) and stays compiled, so the
+next run that reuses it (reuse.py) finds it warm. Whatever else calls it (eager sampling of a snapshot, a run with
+compile off) runs it under fastpath.eager(), which never compiles a second graph.
 
 What this module does not hold: the decision rule itself (harness/fastpath.py) or the loop (loop.py).
 """
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 ATTRIBUTE = "_harness_compiled"  # the TrainingCompile a UNet is compiled with (absent: not compiled)
 SHAPES = "_harness_compiled_shapes"  # the training shapes (training_shape) it was compiled for so far
 REPEATED_BLOCKS = ("BasicTransformerBlock",)  # UNet2DConditionModel's repeated blocks (diffusers' _repeated_blocks)
-EVERY_BLOCK = ("BasicTransformerBlock", "ResnetBlock2D")  # the `blocks` scope
+SCOPE_BLOCKS = {"regional": REPEATED_BLOCKS, "blocks": (*REPEATED_BLOCKS, "ResnetBlock2D")}  # classes compiled alone
 SCOPE_NAMES = {"full": "full UNet", "regional": "regional UNet", "blocks": "UNet's transformer and ResNet blocks"}
 BLOCK_SHAPES = 64  # compilations one block's code may hold (torch's default, 8, is fewer than SD 1.5's ResNet shapes)
 
@@ -105,21 +105,21 @@ def compile_unet(unet: torch.nn.Module, variant: TrainingCompile) -> bool:
         options["mode"] = variant.mode
     if variant.scope == "full":
         unet.compile(**options)
-    elif variant.scope == "blocks":
+    else:
         allow_block_shapes(BLOCK_SHAPES)
-        compile_modules(unet, EVERY_BLOCK, options)
-    elif hasattr(unet, "compile_repeated_blocks"):
-        unet.compile_repeated_blocks(**options)
-    else:  # a diffusers without regional compilation: the same blocks by hand
-        compile_modules(unet, getattr(unet, "_repeated_blocks", REPEATED_BLOCKS), options)
+        compile_blocks(unet, SCOPE_BLOCKS[variant.scope], options)
     setattr(unet, ATTRIBUTE, variant)
     return True
 
 
-def compile_modules(model: torch.nn.Module, class_names: tuple[str, ...], options: dict) -> None:
-    for module in model.modules():
-        if type(module).__name__ in class_names:
-            module.compile(**options)
+def compile_blocks(model: torch.nn.Module, class_names: tuple[str, ...], options: dict) -> None:
+    """Compiles every submodule of these classes in place, each on its own (what diffusers' compile_repeated_blocks
+    does for the classes a model declares); one compilation serves every block of the same shapes."""
+    blocks = [m for m in model.modules() if type(m).__name__ in class_names]
+    if not blocks:
+        raise ValueError(f"no {' or '.join(class_names)} in {type(model).__name__}: nothing to compile by blocks")
+    for block in blocks:
+        block.compile(**options)
 
 
 def allow_block_shapes(count: int) -> None:
