@@ -32,8 +32,7 @@ import numpy as np
 from PIL import Image
 
 from harness.backbones import TINY_SOURCE, BackboneSet, BackboneUnavailableError, offline_message, seeded
-from harness.data import load_rgb as load_image_file
-from harness.data import to_rgb8
+from harness.data import load_rgb, to_rgb8
 from harness.perceptual import MIN_SIDE as LPIPS_MIN_SIDE
 from harness.perceptual import load_lpips, tiny_lpips
 from harness.store import atomic_path, discard, text_digest
@@ -63,12 +62,12 @@ DEFAULT_BATCH_SIZE = 32
 # Preprocessing
 
 
-def load_rgb(image_or_path: Image.Image | str | Path) -> Image.Image:
-    """An 8-bit RGB PIL image, decoded as the instance images are (data.py): EXIF orientation applied, first
-    frame, transparency on white."""
+def as_rgb(image_or_path: Image.Image | str | Path) -> Image.Image:
+    """An image in memory or on disk as 8-bit RGB, decoded as the instance images are (`data.load_rgb`): EXIF
+    orientation applied, first frame, transparency on white."""
     if isinstance(image_or_path, Image.Image):
         return image_or_path if image_or_path.mode == "RGB" else to_rgb8(image_or_path)
-    return load_image_file(Path(image_or_path))
+    return load_rgb(Path(image_or_path))
 
 
 def pinned_dino_transform() -> Callable[[Image.Image], torch.Tensor]:
@@ -164,7 +163,7 @@ class Embedder(ABC):
         return self._stack(rows)
 
     def _preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(load_rgb(image))
+        return self.transform(as_rgb(image))
 
     def _stack(self, rows: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)
@@ -330,7 +329,7 @@ def make_embedders(backbones: str, device: str | torch.device = "cpu", batch_siz
 
 def content_hash(image: Image.Image) -> str:
     """sha256 of the decoded RGB pixels and the size: the same picture re-saved (PNG, metadata) hashes the same."""
-    rgb = load_rgb(image)
+    rgb = as_rgb(image)
     digest = hashlib.sha256(f"RGB {rgb.width}x{rgb.height}\n".encode())
     digest.update(rgb.tobytes())
     return digest.hexdigest()
@@ -388,7 +387,7 @@ def embed_with_cache(embedder: Embedder, images_or_paths: Iterable[Image.Image |
     items = list(images_or_paths)
     rows: list[np.ndarray] = []
     for start in range(0, len(items), embedder.batch_size):
-        images = [load_rgb(item) for item in items[start:start + embedder.batch_size]]
+        images = [as_rgb(item) for item in items[start:start + embedder.batch_size]]
         hashes = [content_hash(image) for image in images]
         cached = [cache.get(embedder.tag, image_hash) for image_hash in hashes]
         if any(vector is None for vector in cached):

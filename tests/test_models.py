@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import huggingface_hub.constants
 import numpy as np
 import open_clip
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-)
+from diffusers import DDPMScheduler
 
 from harness.backends import ModelUnavailableError, load_components
 from harness.backends.tiny import build_clip_tokenizer, build_tiny_components
@@ -128,16 +122,39 @@ def test_encode_prompts_shape_and_padding(tiny):
     torch.testing.assert_close(encode_prompts(tiny, PROMPTS[:1])[0], states[0])
 
 
-@pytest.mark.parametrize("name,cls", [
-    ("ddpm", DDPMScheduler), ("pndm", PNDMScheduler), ("ddim", DDIMScheduler),
-    ("dpmsolver++", DPMSolverMultistepScheduler), ("euler", EulerDiscreteScheduler),
-    ("euler_a", EulerAncestralDiscreteScheduler),
-])
-def test_make_scheduler_classes_keep_the_model_schedule(tiny, name, cls):
-    scheduler = make_scheduler(tiny.scheduler_config, name)
-    assert type(scheduler) is cls
-    assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.num_train_timesteps == 1000
-    assert scheduler.config.prediction_type == "epsilon"
+SAMPLERS = ("ddpm", "pndm", "ddim", "dpmsolver++", "euler", "euler_a")
+
+
+def _denoise(scheduler, steps: int) -> tuple[torch.Tensor, int]:
+    """Samples with a stand-in noise predictor; returns the final latent and how many times the model was called."""
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=generator) * scheduler.init_noise_sigma
+    # As the pipelines do: only the ancestral samplers take a generator.
+    extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    calls = 0
+    for t in scheduler.timesteps:
+        predicted_noise = 0.5 * scheduler.scale_model_input(sample, t)
+        calls += 1
+        sample = scheduler.step(predicted_noise, t, sample, **extra).prev_sample
+    return sample, calls
+
+
+def test_every_sampler_keeps_the_models_noise_schedule_and_prediction_type(tiny):
+    trained = DDPMScheduler.from_config(tiny.scheduler_config).alphas_cumprod
+    v_model = {**tiny.scheduler_config, "prediction_type": "v_prediction"}
+    for name in SAMPLERS:
+        torch.testing.assert_close(make_scheduler(tiny.scheduler_config, name).alphas_cumprod, trained)
+        assert make_scheduler(v_model, name).config.prediction_type == "v_prediction", name
+
+
+def test_samplers_are_distinct_algorithms_with_the_expected_number_of_model_calls(tiny):
+    results = {name: _denoise(make_scheduler(tiny.scheduler_config, name), steps=10) for name in SAMPLERS}
+    # PNDM's PLMS start takes one extra model call; every other sampler calls the model once per step.
+    assert {name: calls for name, (_, calls) in results.items()} == {name: 10 + (name == "pndm") for name in SAMPLERS}
+    for i, first in enumerate(SAMPLERS):
+        for second in SAMPLERS[i + 1:]:
+            assert not torch.allclose(results[first][0], results[second][0]), (first, second)
 
 
 def test_make_scheduler_rejects_unknown_names(tiny):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from harness.config import load_protocol
-from harness.embedders import EmbeddingCache, content_hash, load_rgb
+from harness.embedders import EmbeddingCache, as_rgb, content_hash
 from harness.grid import expand
 from harness.records import usable_scores
 from harness.results.columns import TIMING_COLUMNS
@@ -81,7 +81,7 @@ def test_every_kind_of_damaged_file_is_made_again_and_the_csvs_do_not_change(tmp
     latent = one("cache/latents/*.safetensors")
     text = one("cache/text/*.safetensors")
     real_photo = sorted((tmp_path / "examples" / "subjects" / "dog").glob("*.jpg"))[0]
-    embedding = EmbeddingCache(cache).path("tiny-random:dino", content_hash(load_rgb(real_photo)))
+    embedding = EmbeddingCache(cache).path("tiny-random:dino", content_hash(as_rgb(real_photo)))
     train_json = run_dir / two / "train.json"
     spec_json = run_dir / no_prior / "spec.json"
     originals = {p: p.read_bytes() for p in (deleted_sample, cut_sample, class_image, instance_png)}
