@@ -151,7 +151,7 @@ def measure_training(opts: dict[str, Any]) -> list[dict[str, Any]]:
     return [{
         "kind": "training", "method": opts["method"], "mode": opts["mode"], "variant": opts["variant"],
         "bucket_elements": _bucket_elements() if opts["mode"] == "low_memory" else None,
-        "compiled": None if variant is None else variant.describe(),
+        "compiled": None if session.compiled is None else session.compiled.describe(),  # as the method fitted it
         "gradient_checkpointing": spec.gradient_checkpointing, "seconds_per_step": seconds,
         "warmup_steps": opts["warmup_steps"], "warmup_seconds": warmup_seconds,
         "compile_seconds": max(0.0, warmup_seconds - opts["warmup_steps"] * seconds) if variant else None,

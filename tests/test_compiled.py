@@ -28,7 +28,7 @@ from harness.methods import METHODS
 from harness.sampling import eval_requests, generate, read_recorded, sampler_settings
 from harness.trainer import Speedups, TrainingCompile, reuse
 from harness.trainer import loop as trainer
-from harness.trainer.compiled import compiled_with, is_warm, training_shape
+from harness.trainer.compiled import ON, compiled_with, is_warm, training_shape
 from tests.test_trainer import Recorder, make_run, open_folder, synthetic_data
 
 pytestmark = pytest.mark.slow
@@ -176,19 +176,38 @@ def test_snapshots_of_a_compiled_training_unet_sample_without_compiling_it_again
     assert read_recorded(tmp_path / "step1") == {"batch_size": 2, "render": "eager"}
 
 
+def method_run(name: str, **train) -> RunSpec:
+    method = METHODS.get(name)
+    spec = TrainSpec(method=name, steps=2, resolution=32, mixed_precision="no", num_class_images=3,
+                     **{**dict(method.train_defaults), **train})
+    settings, subject = method.bind_subject(method.settings_type(), SUBJECT)  # Custom Diffusion: its token
+    return RunSpec(run_key=run_key(run_identity(subject, ModelSpec(id="tiny"), spec, settings, None, "0" * 64)),
+                   subject=subject, model=ModelSpec(id="tiny"), train=spec, method=settings, class_images=None,
+                   snapshot_steps=(2,), instance_digest="0" * 64, varied=())
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_method_trains_compiled_as_it_trains_eager(tmp_path, fresh_state, name):
     method = METHODS.get(name)
     if method.compile_problem:
         pytest.skip(f"{name} trains eager: {method.compile_problem}")
-    spec = TrainSpec(method=name, steps=2, resolution=32, mixed_precision="no", num_class_images=3,
-                     **dict(method.train_defaults))
-    settings, subject = method.bind_subject(method.settings_type(), SUBJECT)  # Custom Diffusion: its token
-    run = RunSpec(run_key=run_key(run_identity(subject, ModelSpec(id="tiny"), spec, settings, None, "0" * 64)),
-                  subject=subject, model=ModelSpec(id="tiny"), train=spec, method=settings, class_images=None,
-                  snapshot_steps=(2,), instance_digest="0" * 64, varied=())
+    run = method_run(name)
     eager = train_run(tmp_path, run, build_tiny_components(), None, "eager")
     compiled = train_run(tmp_path, run, build_tiny_components(), Speedups(compile=FULL), "compiled")
+    np.testing.assert_allclose(losses(compiled), losses(eager), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("name", "scope"), [("lora", "full"), ("dreambooth", "blocks")])
+def test_low_memory_compiles_the_whole_unet_when_it_steps_nothing_inside_backward(tmp_path, fresh_state, name,
+                                                                                   scope):
+    # The tiny UNet has one parameter large enough to be stepped inside backward; a LoRA's adapters have none.
+    low_memory_on = dataclasses.replace(ON["low_memory"], backend="aot_eager")
+    run = method_run(name, memory_mode="low_memory", gradient_checkpointing=True)
+    eager = train_run(tmp_path, run, build_tiny_components(), None, "eager")
+    components = build_tiny_components()
+    compiled = train_run(tmp_path, run, components, Speedups(compile=low_memory_on), "compiled")
+    assert compiled_with(components.unet).scope == scope
+    assert compiled.compiled == compiled_with(components.unet).describe()
     np.testing.assert_allclose(losses(compiled), losses(eager), rtol=1e-6, atol=1e-7)
 
 

@@ -55,6 +55,7 @@ from harness.trainer.compiled import (
     compile_unet,
     compiled_with,
     decide_training,
+    fitted_variant,
     note_shape,
     training_shape,
 )
@@ -128,6 +129,7 @@ def start_session(method: Method, components: Components, data: TrainingData, de
         raise ValueError(" ".join(f"{method.name}.{key}: {message}" for key, message in problems))
     params = method.prepare(components, device)
     speedups = speedups or default_speedups(device)
+    speedups = replace(speedups, compile=fitted_variant(speedups.compile, spec.memory_mode, params))
     apply_speedups(components.unet, device, speedups)
     if speedups.compile is not None:
         note_shape(components.unet, training_shape(spec, method))

@@ -195,6 +195,11 @@ class FastUpdater:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def is_hooked(param: torch.nn.Parameter) -> bool:
+    """Whether low_memory steps this parameter inside backward (else with the small ones, after backward)."""
+    return param.numel() >= HOOKED_MIN_ELEMENTS
+
+
 class LowMemoryUpdater:
     """Parameters stepped inside backward as soon as their gradients are complete, bucket by bucket.
 
@@ -213,8 +218,8 @@ class LowMemoryUpdater:
     def __init__(self, params: list[torch.nn.Parameter], spec: TrainSpec, factory: OptimizerFactory,
                  scaler: torch.amp.GradScaler | None):
         self.spec, self.scaler = spec, scaler
-        hooked = [p for p in params if p.numel() >= HOOKED_MIN_ELEMENTS]
-        self.small = [p for p in params if p.numel() < HOOKED_MIN_ELEMENTS]
+        hooked = [p for p in params if is_hooked(p)]
+        self.small = [p for p in params if not is_hooked(p)]
         self.buckets = buckets_of(hooked, BUCKET_ELEMENTS)
         self.optimizers = [factory(bucket, spec) for bucket in self.buckets]
         self.small_optimizer = factory(self.small, spec) if self.small else None
