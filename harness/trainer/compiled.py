@@ -14,7 +14,7 @@ ResNet blocks too, one compilation per shape of block (about 15 in SD 1.5). What
   which would undo low_memory's stepping and freeing each parameter as its gradient completes; per-block regions
   hand their gradients to the hooks block by block. Where low_memory hooks no parameter (every trainable tensor is
   small, as a LoRA's are: they step together after backward), there is nothing to hand over, and it compiles as
-  fast does (`fitted_variant`): a LoRA took 0.330 s a step by blocks, 0.044 with fast's whole graph, at the same
+  fast does (`fitted_variant`): a LoRA took 0.330 s a step by blocks, 0.052 with the whole graph, at the same
   peak memory. On one H100 host, `blocks` took 0.306 s a step against
   `regional`'s 0.342, at the same peak memory (5.64 GiB), for 104 s of compilation against 90. Both with CUDA
   graphs failed on that GPU (torch 2.11's cudagraph trees: "graph recording observed an input tensor deallocate
