@@ -25,6 +25,7 @@ from harness.config import EvalSpec, SubjectSpec
 from harness.data import load_rgb
 from harness.embedders import Embedder, EmbeddingCache, content_hash, embed_with_cache
 from harness.metrics import (
+    FEATURE_ROLES,
     ImageSet,
     MetricResult,
     clip_t_texts,
@@ -38,6 +39,7 @@ from harness.records import scores_header, scores_name, scores_record, write_sco
 from harness.timings import count
 
 LPIPS_CACHE = "lpips"
+IMAGE_EMBEDDINGS = ("dino", "clip_image")  # features that are one embedding per image
 
 
 def record_name(spec: EvalSpec) -> str:
@@ -73,14 +75,16 @@ class Scorer:
         return embed_with_cache(embedder, [load_rgb(Path(p)) for p in paths], self.cache)
 
     def image_features(self, paths: Sequence[Path]) -> dict[str, np.ndarray | None]:
-        """{"dino": rows or None, "clip": rows or None}: the image embeddings the metrics need."""
-        wanted = {"dino": "dino" in self.features, "clip": "clip_image" in self.features}
-        return {role: self.embed(self.embedders[role], paths) if need else None for role, need in wanted.items()}
+        """{backbone role: rows or None} of the image embeddings ("dino", "clip_image"): None where no metric reads
+        them."""
+        return {FEATURE_ROLES[feature]: self.embed(self.embedders[FEATURE_ROLES[feature]], paths)
+                if feature in self.features else None for feature in IMAGE_EMBEDDINGS}
 
     def text_features(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         if "clip_text" not in self.features or not texts:
             return {}
-        return dict(zip(texts, self.embedders["clip"].embed_texts(list(texts)), strict=True))
+        encoder = self.embedders[FEATURE_ROLES["clip_text"]]
+        return dict(zip(texts, encoder.embed_texts(list(texts)), strict=True))
 
     def lpips_matrix(self, paths: Sequence[Path], prompts: Sequence[str], seeds: Sequence[int],
                      kinds: Sequence[str]) -> np.ndarray | None:
