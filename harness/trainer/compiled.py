@@ -12,13 +12,13 @@ ResNet blocks too, one compilation per shape of block (about 15 in SD 1.5). What
 - fast: full, with CUDA graphs;
 - low_memory: blocks, without CUDA graphs. A whole-model backward returns every gradient at the end of the graph,
   which would undo low_memory's stepping and freeing each parameter as its gradient completes; per-block regions
-  hand their gradients to the hooks block by block. Where low_memory hooks no parameter (every trainable tensor is
-  small, as a LoRA's are: they step together after backward), there is nothing to hand over, and it compiles as
-  fast does (`fitted_variant`): a LoRA took 0.330 s a step by blocks, 0.052 with the whole graph, at the same
-  peak memory. On one H100 host, `blocks` took 0.306 s a step against
+  hand their gradients to the hooks block by block. On one H100 host, `blocks` took 0.306 s a step against
   `regional`'s 0.342, at the same peak memory (5.64 GiB), for 104 s of compilation against 90. Both with CUDA
   graphs failed on that GPU (torch 2.11's cudagraph trees: "graph recording observed an input tensor deallocate
   during graph recording that did not occur during replay").
+  Where low_memory hooks no parameter (every trainable tensor is small, as a LoRA's are: they step together after
+  backward), there is nothing to hand over, and it compiles as fast does (`fitted_variant`): a LoRA took 0.330 s a
+  step by blocks and 0.052 with the whole graph, at the same peak memory (3.22 GiB).
 benchmarks/bench_train.py measures every variant; ON holds the choice.
 
 The UNet is compiled in place (nn.Module.compile, on the whole UNet or on each block) and stays compiled, so the
@@ -162,7 +162,8 @@ def decide_training(spec: TrainSpec, method: Method, unet: torch.nn.Module, devi
     (or the study's steps, when the runner announced them; harness/fastpath.py)."""
     variant = ON[spec.memory_mode]
     # Which parameters train is known only once the method has prepared the model (start_session fits the variant
-    # then), so a UNet compiled as fast compiles counts as warm for a low_memory run too.
+    # then), so a UNet compiled whole, as for fast, counts as warm for a low_memory run of the same shape too. (A
+    # method whose low_memory run is then fitted to blocks compiles anew: mixing memory modes is rare in a grid.)
     shape = training_shape(spec, method)
     warm = is_warm(unet, variant, shape) or (spec.memory_mode == "low_memory" and is_warm(unet, ON["fast"], shape))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
