@@ -450,3 +450,21 @@ def test_a_study_on_reused_components_trains_what_fresh_components_train(tmp_pat
 
     a, b = exported(tmp_path / "together"), exported(tmp_path / "alone")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_compiled_copy_takes_weights_that_fit_and_reads_its_state_dict_once(monkeypatch):
+    from harness import inference
+
+    unet = build_tiny_components().unet
+    copy = inference._empty_like(unet, torch.float32)
+    copy.fuse_qkv_projections()
+    assert inference.fused_keys(copy)
+    reads = []
+    state_dict = copy.state_dict
+    monkeypatch.setattr(copy, "state_dict", lambda *a, **k: reads.append(1) or state_dict(*a, **k))
+    assert inference.fits(unet.state_dict(), copy)
+    # Once per check, not once per key: at SD 1.5's size a read per key cost seconds every sampling call.
+    assert len(reads) <= 2
+    wrong = {**unet.state_dict(), "conv_in.weight": torch.zeros(1)}
+    assert not inference.fits(wrong, copy)
+    assert not inference.fits({k: v for k, v in unet.state_dict().items() if k != "conv_in.weight"}, copy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 
 import huggingface_hub.constants
@@ -15,7 +16,7 @@ from diffusers import DDPMScheduler
 from harness.backends import ModelUnavailableError, load_components
 from harness.backends.tiny import build_clip_tokenizer, build_tiny_components
 from harness.config import ModelSpec
-from harness.models import Components, encode_prompts, make_pipeline, make_scheduler
+from harness.models import Components, encode_prompts, make_pipeline, make_scheduler, stepped_on_host
 
 PROMPTS = ["a photo of a sks dog", "A DOG's photo, on the beach!! 123", "a sks backpack in the jungle"]
 
@@ -155,6 +156,62 @@ def test_samplers_are_distinct_algorithms_with_the_expected_number_of_model_call
     for i, first in enumerate(SAMPLERS):
         for second in SAMPLERS[i + 1:]:
             assert not torch.allclose(results[first][0], results[second][0]), (first, second)
+
+
+def _spied(scheduler, seen: list):
+    """`scheduler` with the timesteps its own step() receives recorded in `seen`."""
+    step = scheduler.step
+
+    @functools.wraps(step)  # keeps the signature the pipelines inspect for `generator`
+    def spy(model_output, timestep, *args, **kwargs):
+        seen.append(timestep)
+        return step(model_output, timestep, *args, **kwargs)
+
+    scheduler.step = spy
+    return scheduler
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_host_timesteps_step_every_sampler_to_the_same_latents_with_plain_numbers(tiny, sampler):
+    plain, plain_calls = _denoise(make_scheduler(tiny.scheduler_config, sampler), steps=10)
+    seen: list = []
+    hosted, calls = _denoise(stepped_on_host(_spied(make_scheduler(tiny.scheduler_config, sampler), seen)), steps=10)
+    assert calls == plain_calls
+    assert torch.equal(hosted, plain)
+    assert seen and all(type(t) in (int, float) for t in seen), {type(t) for t in seen}
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "ddim"])
+def test_host_timesteps_never_read_the_timestep_tensor_the_pipeline_passes(tiny, sampler):
+    # A timestep on the meta device has no value: reading it fails, as reading one on a GPU would wait for the GPU.
+    scheduler = stepped_on_host(make_scheduler(tiny.scheduler_config, sampler))
+    scheduler.set_timesteps(5)
+    sample = torch.zeros(1, 4, 8, 8)
+    for t in scheduler.timesteps:
+        sample = scheduler.step(0.5 * sample + 0.1, t.to("meta"), sample).prev_sample
+    assert torch.isfinite(sample).all()
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        plain = make_scheduler(tiny.scheduler_config, sampler)
+        plain.set_timesteps(5)
+        plain.step(sample, plain.timesteps[0].to("meta"), sample)
+
+
+def test_host_timesteps_refuse_a_step_out_of_order(tiny):
+    scheduler = stepped_on_host(make_scheduler(tiny.scheduler_config, "ddim"))
+    scheduler.set_timesteps(5)
+    sample = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(RuntimeError, match=r"stepped at timestep .* in order"):
+        scheduler.step(sample, scheduler.timesteps[1], sample)
+
+
+def test_pipeline_images_are_the_same_with_host_timesteps(tiny):
+    pipeline = make_pipeline(tiny, "pndm")
+    hosted = pipeline(PROMPTS[0], height=32, width=32, num_inference_steps=4, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+    pipeline.scheduler = make_scheduler(tiny.scheduler_config, "pndm")
+    plain = pipeline(PROMPTS[0], height=32, width=32, num_inference_steps=4, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_array_equal(hosted, plain)
 
 
 def test_make_scheduler_rejects_unknown_names(tiny):
