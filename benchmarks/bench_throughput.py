@@ -163,6 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="folder for the results (default: $OUT)")
     parser.add_argument("--update", action="store_true", help="also fold the figures into benchmarks/throughput.json")
     parser.add_argument("--merge", type=Path, default=None, help="only fold this measured throughput.json in")
+    parser.add_argument("--only", default="", help="measure only the jobs whose label starts with one of these "
+                                                   "comma-separated prefixes, e.g. 'sampling,train low_memory'")
     return parser.parse_args(argv)
 
 
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/bench_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     origin = provenance(command)
     gpu = origin["gpu"] or ("cpu (tiny check)" if args.tiny else "cpu")
-    jobs = (variant_jobs if args.variants else table_jobs)(device, args.tiny, backend)
+    jobs = chosen((variant_jobs if args.variants else table_jobs)(device, args.tiny, backend), args.only)
     print(f"{len(jobs)} measurements on {gpu}, budget {args.budget:.0f} s; commit {origin['commit']}", flush=True)
     began = time.perf_counter()
     records: list[dict[str, Any]] = []
@@ -198,6 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.update and not args.tiny:
         merge_into_table(measured)
     return 1 if any("error" in r for r in records) else 0
+
+
+def chosen(jobs: list[tuple[str, Path, dict[str, Any], float]], only: str) -> list[tuple[str, Path, dict[str, Any],
+                                                                                     float]]:
+    """The jobs whose label starts with one of the comma-separated prefixes of `only` (all of them when empty)."""
+    prefixes = [p.strip() for p in only.split(",") if p.strip()]
+    if not prefixes:
+        return jobs
+    picked = [job for job in jobs if any(job[0].startswith(p) for p in prefixes)]
+    if not picked:
+        raise SystemExit(f"--only {only!r} matches none of: {', '.join(job[0] for job in jobs)}.")
+    return picked
 
 
 def _write(folder: Path, gpu: str, origin: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:

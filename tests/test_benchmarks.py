@@ -37,3 +37,14 @@ def test_bench_study_runs_the_scaled_study_and_writes_every_phase(tmp_path):
     runs = study["runs"]
     assert len(runs) == 3 and {r["steps"] for r in runs} == {4}
     assert all(r["compiled"] is None and r["seconds_per_step"] > 0 for r in runs)  # auto on a CPU: eager
+
+
+def test_bench_throughput_measures_only_the_jobs_asked_for():
+    bench_throughput = load_script("bench_throughput")
+    jobs = bench_throughput.table_jobs("cpu", True, "aot_eager")
+    picked = bench_throughput.chosen(jobs, "sampling compiled, train low_memory")
+    assert [label for label, *_ in picked] == ["sampling compiled", "train low_memory checkpointing on",
+                                               "train low_memory checkpointing eager"]
+    assert bench_throughput.chosen(jobs, "") == jobs
+    with pytest.raises(SystemExit, match="matches none of: train fast checkpointing on"):
+        bench_throughput.chosen(jobs, "sampling fast")
