@@ -152,8 +152,8 @@ def _decide_with(variant: TrainingCompile):
     """decide_training with `variant` (aot_eager) in place of the inductor variants."""
     from harness.trainer import compiled
 
-    def decide(spec, method, unet, device, steps):
-        decision, chosen = compiled.decide_training(spec, method, unet, device, steps)
+    def decide(spec, method, unet, device, steps, trainable):
+        decision, chosen = compiled.decide_training(spec, method, unet, device, steps, trainable)
         return decision, variant if chosen is not None else None
 
     return decide
@@ -209,6 +209,19 @@ def test_low_memory_compiles_the_whole_unet_when_it_steps_nothing_inside_backwar
     assert compiled_with(components.unet).scope == scope
     assert compiled.compiled == compiled_with(components.unet).describe()
     np.testing.assert_allclose(losses(compiled), losses(eager), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("lora", ON["fast"]), ("dreambooth", ON["low_memory"])])
+def test_a_run_decides_its_variant_from_the_parameters_its_method_trains(name, expected):
+    from harness.trainer import compiled
+
+    run = method_run(name, memory_mode="low_memory", gradient_checkpointing=True, compile=True)
+    components = build_tiny_components()
+    method = trainer.make_method(run)
+    trainable = method.prepare(components, torch.device("cpu"))
+    decision, variant = compiled.decide_training(run.train, method, components.unet, torch.device("cpu"), 2,
+                                                 trainable)
+    assert decision.compile and variant == expected
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -79,10 +79,10 @@ def test_a_run_autotunes_by_the_studys_steps_and_says_so(tmp_path, monkeypatch, 
     unet = build_tiny_components().unet
     monkeypatch.setattr(trainer, "decide_training", lambda *a: (fastpath.Decision(False, "eager"), None))
     with caplog.at_level("INFO", logger="harness.trainer.loop"):
-        short = trainer.run_speedups(run, method, unet, torch.device("cuda"), 4)
+        short = trainer.run_speedups(run, method, unet, torch.device("cuda"), 4, [])
         fastpath.expect_study(WorkEstimate(training_runs=7, optimizer_steps=8400, snapshots=0, class_images=0,
                                            eval_images=0, base_model_images=0))
-        long = trainer.run_speedups(run, method, unet, torch.device("cuda"), 4)
+        long = trainer.run_speedups(run, method, unet, torch.device("cuda"), 4, [])
     assert (short.cudnn_benchmark, long.cudnn_benchmark) == (False, True)
     assert "4 steps are fewer than the ~1500" in caplog.text and "8400 steps pay back" in caplog.text
 

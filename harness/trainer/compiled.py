@@ -156,16 +156,13 @@ def uncompile(unet: torch.nn.Module) -> None:
             delattr(unet, name)
 
 
-def decide_training(spec: TrainSpec, method: Method, unet: torch.nn.Module, device: torch.device,
-                    steps: int) -> tuple[Decision, TrainingCompile | None]:
+def decide_training(spec: TrainSpec, method: Method, unet: torch.nn.Module, device: torch.device, steps: int,
+                    trainable: Sequence[torch.nn.Parameter]) -> tuple[Decision, TrainingCompile | None]:
     """Whether this run trains compiled, and with which variant: `train.compile` resolved for `steps` steps to go
-    (or the study's steps, when the runner announced them; harness/fastpath.py)."""
-    variant = ON[spec.memory_mode]
-    # Which parameters train is known only once the method has prepared the model (start_session fits the variant
-    # then), so a UNet compiled whole, as for fast, counts as warm for a low_memory run of the same shape too. (A
-    # method whose low_memory run is then fitted to blocks compiles anew: mixing memory modes is rare in a grid.)
-    shape = training_shape(spec, method)
-    warm = is_warm(unet, variant, shape) or (spec.memory_mode == "low_memory" and is_warm(unet, ON["fast"], shape))
+    (or the study's steps, when the runner announced them; harness/fastpath.py). `trainable`: the parameters the
+    prepared method trains, which fit the variant (`fitted_variant`)."""
+    variant = fitted_variant(ON[spec.memory_mode], spec.memory_mode, trainable)
+    warm = is_warm(unet, variant, training_shape(spec, method))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     payback = payback_for("training", training_key(spec.method, spec.memory_mode, spec.gradient_checkpointing), gpu)
     unsupported = method.compile_problem or compiler_problem(device.type)

@@ -28,10 +28,11 @@ Nothing here generates class images, encodes images or prompts for the caches, o
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -119,16 +120,20 @@ def make_method(run: RunSpec) -> Method:
     return method_class(run.train.method)(run.method, run.train)
 
 
+SpeedupChoice = Callable[[list[torch.nn.Parameter]], Speedups]  # the speedups for the parameters that train
+
+
 def start_session(method: Method, components: Components, data: TrainingData, device: torch.device | str,
-                  speedups: Speedups | None = None) -> TrainingSession:
-    """Prepares the models for training on `device` and builds the optimizer of the spec's memory mode."""
+                  speedups: Speedups | SpeedupChoice | None = None) -> TrainingSession:
+    """Prepares the models for training on `device` and builds the optimizer of the spec's memory mode.
+    `speedups` may be a function of the trainable parameters, called once the method has prepared them."""
     spec = method.train
     device = torch.device(device)
     problems = method.check(method.settings, spec)
     if problems:
         raise ValueError(" ".join(f"{method.name}.{key}: {message}" for key, message in problems))
     params = method.prepare(components, device)
-    speedups = speedups or default_speedups(device)
+    speedups = speedups(params) if callable(speedups) else speedups or default_speedups(device)
     speedups = replace(speedups, compile=fitted_variant(speedups.compile, spec.memory_mode, params))
     apply_speedups(components.unet, device, speedups)
     if speedups.compile is not None:
@@ -342,7 +347,7 @@ def _train_until(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     session = start_session(method, components, data, device,
-                            speedups or run_speedups(run, method, components.unet, device, end_step))
+                            speedups or functools.partial(run_speedups, run, method, components.unet, device, end_step))
     history: list[dict[str, Any]] = []
     state = load_checkpoint(folder, device)
     if usable_checkpoint(state, pending, end_step):
@@ -440,11 +445,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_speedups(run: RunSpec, method: Method, unet: torch.nn.Module, device: torch.device,
-                 end_step: int) -> Speedups:
+def run_speedups(run: RunSpec, method: Method, unet: torch.nn.Module, device: torch.device, end_step: int,
+                 trainable: Sequence[torch.nn.Parameter]) -> Speedups:
     """The default speedups with the compilation `train.compile` resolves to for this run and whether cuDNN times
     its algorithms (both logged with why)."""
-    decision, variant = decide_training(run.train, method, unet, device, end_step)
+    decision, variant = decide_training(run.train, method, unet, device, end_step, trainable)
     autotune, why = autotune_training(device.type, max(end_step, study_work().training_steps), variant is not None,
                                       deterministic_kernels())
     log.info("run %s: training %s (%s); %s", run.run_key, "compiled" if variant else "eager", decision.reason, why)
