@@ -15,7 +15,8 @@ Class-image generation is measured by bench_eval.py.
 
 Variants: `eager`; `on` (what `train.compile: true` runs for the mode: harness/trainer/compiled.py ON); or a scope
 and CUDA graphs spelled out: `full`, `full+graphs`, `regional`, `regional+graphs`, `blocks` (transformer and
-ResNet blocks), `blocks+graphs`.
+ResNet blocks), `blocks+graphs`; `regional-outer` and `blocks-outer` compile the blocks without their checkpoint
+(torch's eager checkpoint around each compiled call, as before checkpoints moved inside).
 
     python benchmarks/bench_train.py --variants eager,on --out $OUT        # GPU
     python benchmarks/bench_train.py --modes fast --checkpointing off --variants eager,on,full,regional+graphs
@@ -31,6 +32,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,8 @@ from benchlib import (
 
 SCRIPT = Path(__file__).resolve()
 METHOD_NAMES = ("dreambooth", "lora", "custom_diffusion")
-VARIANTS = ("eager", "on", "full", "full+graphs", "regional", "regional+graphs", "blocks", "blocks+graphs")
+VARIANTS = ("eager", "on", "full", "full+graphs", "regional", "regional+graphs", "blocks", "blocks+graphs",
+            "regional-outer", "blocks-outer")
 TARGETS = {  # H100, seconds per step (issue 14)
     ("fast", True): 0.15, ("fast", False): 0.13, ("low_memory", True): 0.30, ("low_memory", False): 0.30,
 }
@@ -70,9 +73,10 @@ def compile_variant(name: str, mode: str, backend: str):
     if name == "on":
         variant = ON[mode]
     else:
+        name, outer = name.removesuffix("-outer"), name.endswith("-outer")
         scope, _, graphs = name.partition("+")
-        variant = TrainingCompile(scope, cuda_graphs=graphs == "graphs")
-    return TrainingCompile(variant.scope, variant.cuda_graphs, backend)
+        variant = TrainingCompile(scope, cuda_graphs=graphs == "graphs", inner_checkpoints=not outer)
+    return replace(variant, backend=backend)
 
 
 def synthetic_training_data(components, resolution: int, instance_prompt: str = "a sks dog", encoded: bool = False):
@@ -142,6 +146,7 @@ def measure_training(opts: dict[str, Any]) -> list[dict[str, Any]]:
     seconds = (time.perf_counter() - began) / opts["timed_steps"]
     if sampler:
         sampler.stop()
+    stock = _time_with_stock_bitsandbytes(session, opts["timed_steps"], device) if opts.get("stock_bnb_too") else None
     if not all(math.isfinite(x.instance) for x in warm + timed):
         raise RuntimeError("non-finite training loss")
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
@@ -153,12 +158,27 @@ def measure_training(opts: dict[str, Any]) -> list[dict[str, Any]]:
         "bucket_elements": _bucket_elements() if opts["mode"] == "low_memory" else None,
         "compiled": None if session.compiled is None else session.compiled.describe(),  # as the method fitted it
         "gradient_checkpointing": spec.gradient_checkpointing, "seconds_per_step": seconds,
+        "seconds_per_step_stock_bnb": stock,
         "warmup_steps": opts["warmup_steps"], "warmup_seconds": warmup_seconds,
         "compile_seconds": max(0.0, warmup_seconds - opts["warmup_steps"] * seconds) if variant else None,
         "timed_steps": opts["timed_steps"], "optimizer": session.optimizer_label, "resolution": opts["resolution"],
         "trainable_params": session.trainable_params, "export_bytes": _export_bytes(session),
         "peak_allocated_gib": peak, **memory, **profiled,
     }]
+
+
+def _time_with_stock_bitsandbytes(session, steps: int, device) -> float:
+    """Seconds per step for `steps` more steps with bitsandbytes' own update_step instead of the direct kernel
+    calls (optimizers.direct_update): the same session, so the same compiled code and host."""
+    from harness.trainer import advance, read_losses
+    from harness.trainer.optimizers import adamw8bit_class
+
+    adamw8bit_class().direct_calls = False
+    synchronize(device)
+    began = time.perf_counter()
+    read_losses([advance(session) for _ in range(steps)])
+    synchronize(device)
+    return (time.perf_counter() - began) / steps
 
 
 def _bucket_elements() -> int:
@@ -192,10 +212,11 @@ def run_worker(payload: str) -> None:
 
 def training_job(device: str, tiny: bool, mode: str, checkpointing: bool, variant: str, steps: dict[str, int],
                  backend: str, method: str = "dreambooth", profile: int = 0,
-                 bucket_elements: int | None = None) -> dict[str, Any]:
+                 bucket_elements: int | None = None, stock_bnb_too: bool = False) -> dict[str, Any]:
     return {"measure": "training", "device": device, "tiny": tiny, "resolution": 32 if tiny else 512,
             "method": method, "mode": mode, "gradient_checkpointing": checkpointing, "variant": variant,
-            "backend": backend, "profile": profile, "bucket_elements": bucket_elements, **steps}
+            "backend": backend, "profile": profile, "bucket_elements": bucket_elements,
+            "stock_bnb_too": stock_bnb_too, **steps}
 
 
 def step_counts(tiny: bool, quick: bool) -> dict[str, int]:
@@ -260,6 +281,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="low_memory: the most elements a bucket of parameters stepped together holds "
                              "(harness/trainer/optimizers.py BUCKET_ELEMENTS; 1: one parameter a bucket; "
                              "default: the harness's)")
+    parser.add_argument("--stock-bnb-too", action="store_true",
+                        help="after the timed steps, time as many with bitsandbytes' own update_step instead of "
+                             "the direct kernel calls (seconds_per_step_stock_bnb in bench_train.json)")
     parser.add_argument("--out", type=Path, default=None, help="folder for bench_train.md/.json (default: $OUT)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -285,7 +309,7 @@ def jobs_of(args: argparse.Namespace) -> list[dict[str, Any]]:
                 compile_variant(variant, mode, backend)  # refuses unknown names before anything runs
                 for buckets in args.bucket_elements:
                     jobs.append(training_job(device, args.tiny, mode, ckpt == "on", variant, steps, backend, method,
-                                             args.profile, buckets))
+                                             args.profile, buckets, args.stock_bnb_too))
     return jobs
 
 

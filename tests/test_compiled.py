@@ -26,7 +26,7 @@ from harness.config import EvalSpec, ModelSpec, SubjectSpec, TrainSpec
 from harness.grid import RunSpec, run_identity, run_key
 from harness.methods import METHODS
 from harness.sampling import eval_requests, generate, read_recorded, sampler_settings
-from harness.trainer import Speedups, TrainingCompile, reuse
+from harness.trainer import Speedups, TrainingCompile, compiled, reuse
 from harness.trainer import loop as trainer
 from harness.trainer.compiled import ON, compiled_with, is_warm, training_shape
 from tests.test_trainer import Recorder, make_run, open_folder, synthetic_data
@@ -36,6 +36,7 @@ pytestmark = pytest.mark.slow
 FULL = TrainingCompile("full", cuda_graphs=False, backend="aot_eager")
 REGIONAL = TrainingCompile("regional", cuda_graphs=False, backend="aot_eager")
 BLOCKS = TrainingCompile("blocks", cuda_graphs=False, backend="aot_eager")
+BLOCKS_OUTER = TrainingCompile("blocks", cuda_graphs=False, backend="aot_eager", inner_checkpoints=False)
 SPEC = EvalSpec(backbones="tiny", seeds=(0, 1, 2), class_prompts=("a {class}",), sampler="dpmsolver++", steps=2,
                 max_subject_prompts=1)
 SUBJECT = SubjectSpec(name="dog", instance_dir=Path("."), class_noun="dog")
@@ -100,6 +101,7 @@ WEIGHTS, PREDICTIONS = "weights", "predictions"
     ("fast", FULL, {"UNet2DConditionModel"}, WEIGHTS),
     ("low_memory", REGIONAL, {"BasicTransformerBlock"}, WEIGHTS),
     ("low_memory", BLOCKS, {"BasicTransformerBlock", "ResnetBlock2D"}, PREDICTIONS),
+    ("low_memory", BLOCKS_OUTER, {"BasicTransformerBlock", "ResnetBlock2D"}, PREDICTIONS),
 ])
 def test_compiled_training_matches_eager_and_the_compiled_unet_is_reused(tmp_path, fresh_state, memory_mode,
                                                                          variant, kinds, compare):
@@ -312,8 +314,62 @@ def test_class_images_render_compiled_and_record_it(tmp_path, fresh_state, aot_r
         assert read_json_render(b.with_suffix(".json")) == "compiled"
 
 
+def test_checkpointed_blocks_run_their_checkpoint_inside_the_compiled_code(tmp_path, fresh_state, monkeypatch):
+    """Each compiled block is one call to the compiled checkpoint per step (none through torch's eager checkpoint);
+    with checkpoints outside, every block goes through the eager checkpoint instead."""
+    inner_calls, eager_calls = [], []
+    inner = compiled.checkpointed_block("aot_eager")
+    monkeypatch.setattr(compiled, "checkpointed_block",
+                        lambda backend: lambda block, *args: inner_calls.append(block) or inner(block, *args))
+    eager_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counted(fn, *args, **kw):  # a block called whole (__call__) under torch's eager checkpoint
+        if getattr(fn, "__func__", None) is torch.nn.Module.__call__:
+            eager_calls.append(fn)
+        return eager_checkpoint(fn, *args, **kw)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
+    run = make_run(tmp_path, (2,), memory_mode="low_memory", gradient_checkpointing=True)
+    train_run(tmp_path, run, reuse.training_components(ModelSpec(id="tiny")), Speedups(compile=BLOCKS), "inner")
+    checkpointed = {id(block) for block in inner_calls}  # every block diffusers checkpoints (not the mid block's
+    assert checkpointed and len(inner_calls) == 2 * len(checkpointed)  # first ResNet): once a step, 2 steps
+    assert eager_calls == []
+    inner_calls.clear()
+    train_run(tmp_path, run, build_tiny_components(), Speedups(compile=BLOCKS_OUTER), "outer")
+    assert inner_calls == [] and len(eager_calls) == 2 * len(checkpointed)
+    assert BLOCKS.checkpoints_inside and not BLOCKS_OUTER.checkpoints_inside
+    assert not dataclasses.replace(BLOCKS, cuda_graphs=True).checkpoints_inside and not FULL.checkpoints_inside
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The real compiler
+
+
+def test_a_compiled_checkpointed_block_keeps_only_its_inputs_for_backward(fresh_state):
+    """Inductor, checkpoint inside: between forward and backward a block holds what torch's eager checkpoint holds,
+    its inputs. (With inductor's layout optimization, which the CPU always applies to convolutions, it would also
+    hold channels_last copies of its convolution weights and input.)"""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=64, out_channels=64, temb_channels=32)
+    block.compile(backend="inductor", dynamic=False)  # a block compiled by compile_blocks
+    x, temb = torch.randn(2, 64, 8, 8, requires_grad=True), torch.randn(2, 32)
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    held = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            held.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = compiled.checkpointed_block("inductor")(block, x, temb)
+    out.square().sum().backward()
+    assert sorted(held) == sorted([x.untyped_storage().data_ptr(), temb.untyped_storage().data_ptr()])
+    expected = torch.autograd.grad(torch.utils.checkpoint.checkpoint(block._call_impl, x, temb,
+                                                                     use_reentrant=False).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_inductor_matches_eager_within_tolerance(tmp_path, fresh_state):

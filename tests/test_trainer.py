@@ -221,6 +221,53 @@ def test_optimizer_state_moves_between_bucket_layouts(tmp_path, monkeypatch):
     assert_same_weights(weights(first.components.unet), weights(second.components.unet))
 
 
+def _twin_adamw8bit(shapes: list[tuple[int, ...]], transposed: bool = False):
+    torch.manual_seed(0)
+    made = [torch.randn(*shape) for shape in shapes]
+    if transposed:
+        made = [t.t() for t in made]  # non-contiguous parameters
+    spec = TrainSpec(learning_rate=1e-3, adam_weight_decay=0.05)
+    params = [torch.nn.Parameter(t.clone()) for t in made]
+    twins = [torch.nn.Parameter(t.clone()) for t in made]
+    return params, optimizers._adamw8bit(params, spec), twins, optimizers._adamw8bit(twins, spec)
+
+
+def test_direct_kernel_calls_update_exactly_as_bitsandbytes_own_step(monkeypatch):
+    # 100 elements: 32-bit state; 5,000 and 70,000: 8-bit blockwise state (bitsandbytes' min_8bit_size is 4,096)
+    params, direct, twins, stock = _twin_adamw8bit([(100,), (50, 100), (70, 1000)])
+    stock.direct_calls = False
+    own_steps = []
+    monkeypatch.setattr(direct, "update_step", lambda *args: own_steps.append(args))
+    assert direct.direct_calls
+    for _ in range(4):
+        for p, q in zip(params, twins, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        direct.step()
+        stock.step()
+    assert own_steps == []  # every update went through the direct calls
+    for p, q in zip(params, twins, strict=True):
+        assert torch.equal(p, q)
+        for key, value in stock.state[q].items():
+            assert torch.equal(torch.as_tensor(direct.state[p][key]), torch.as_tensor(value)), key
+    assert [direct.state[p]["state1"].dtype for p in params] == [torch.float32, torch.uint8, torch.uint8]
+
+
+def test_direct_kernel_calls_leave_non_contiguous_parameters_to_bitsandbytes(monkeypatch):
+    params, direct, twins, stock = _twin_adamw8bit([(100, 60)], transposed=True)
+    stock.direct_calls = False
+    own = direct.update_step
+    calls = []
+    monkeypatch.setattr(direct, "update_step", lambda *args: calls.append(1) or own(*args))
+    for p, q in zip(params, twins, strict=True):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    direct.step()
+    stock.step()
+    assert calls == [1]
+    assert torch.equal(params[0], twins[0])
+
+
 def test_clip_each_bounds_every_gradient_on_its_own():
     big, small = torch.full((3, 4), 10.0), torch.full((5,), 0.001)
     expected_small = small.clone()

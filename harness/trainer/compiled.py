@@ -19,6 +19,13 @@ ResNet blocks too, one compilation per shape of block (about 15 in SD 1.5). What
   Where low_memory hooks no parameter (every trainable tensor is small, as a LoRA's are: they step together after
   backward), there is nothing to hand over, and it compiles as fast does (`fitted_variant`): a LoRA took 0.330 s a
   step by blocks and 0.052 with the whole graph, at the same peak memory (3.22 GiB).
+With gradient checkpointing, diffusers checkpoints each ResNet and transformer block from its parent block
+(`_gradient_checkpointing_func`). For blocks compiled on their own, the checkpoint goes inside the compiled code
+(`inner_checkpoints`, `route_checkpoints`): each block is then one compiled call forward and one backward, which
+recomputes the block's activations in the same compiled graph, instead of a compiled call under torch's eager
+checkpoint (pack and unpack hooks for every saved tensor, a second forward call, a third for backward).
+Inductor's layout optimization stays off for these graphs: it would save channels_last copies of the convolution
+weights for backward, a copy of every ResNet weight held from forward to backward.
 benchmarks/bench_train.py measures every variant; ON holds the choice.
 
 The UNet is compiled in place (nn.Module.compile, on the whole UNet or on each block) and stays compiled, so the
@@ -30,8 +37,9 @@ What this module does not hold: the decision rule itself (harness/fastpath.py) o
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -61,6 +69,7 @@ class TrainingCompile:
     scope: Literal["full", "regional", "blocks"] = "full"
     cuda_graphs: bool = True  # torch.compile mode "reduce-overhead"; without: mode "default"
     backend: str = "inductor"  # tests use "aot_eager": the same tracing, no code generation
+    inner_checkpoints: bool = True  # blocks compiled with their checkpoint inside (route_checkpoints)
 
     @property
     def mode(self) -> str | None:
@@ -72,7 +81,14 @@ class TrainingCompile:
     def describe(self) -> str:
         graphs = "CUDA graphs" if self.cuda_graphs else "no CUDA graphs"
         backend = "" if self.backend == "inductor" else f", backend {self.backend}"
-        return f"{SCOPE_NAMES[self.scope]}, {graphs}{backend}"
+        outer = "" if self.checkpoints_inside or self.scope == "full" else ", checkpointed outside"
+        return f"{SCOPE_NAMES[self.scope]}, {graphs}{backend}{outer}"
+
+    @property
+    def checkpoints_inside(self) -> bool:
+        """Whether checkpointed blocks run their checkpoint inside the compiled code (not with CUDA graphs, whose
+        memory pools the recomputation in backward does not fit; the whole UNet traces its checkpoints anyway)."""
+        return self.inner_checkpoints and self.scope != "full" and not self.cuda_graphs
 
 
 ON = {"fast": TrainingCompile("full", cuda_graphs=True), "low_memory": TrainingCompile("blocks", cuda_graphs=False)}
@@ -136,6 +152,38 @@ def compile_blocks(model: torch.nn.Module, class_names: tuple[str, ...], options
         raise ValueError(f"no {' or '.join(class_names)} in {type(model).__name__}: nothing to compile by blocks")
     for block in blocks:
         block.compile(**options)
+
+
+def route_checkpoints(unet: torch.nn.Module, variant: TrainingCompile) -> None:
+    """Where the UNet checkpoints its blocks (diffusers' gradient_checkpointing_func), the blocks `variant`
+    compiles run their checkpoint inside compiled code (see the module's docstring). Called for every training
+    session: a method's prepare() sets diffusers' default function again."""
+    if not variant.checkpoints_inside or not any(getattr(m, "gradient_checkpointing", False) for m in unet.modules()):
+        return
+    inner = checkpointed_block(variant.backend)
+    unet.enable_gradient_checkpointing(
+        gradient_checkpointing_func=functools.partial(_checkpoint_block, inner, SCOPE_BLOCKS[variant.scope]))
+
+
+def _checkpoint_block(inner: Callable, class_names: tuple[str, ...], block: torch.nn.Module, *args):
+    if type(block).__name__ in class_names and getattr(block, "_compiled_call_impl", None) is not None:
+        return inner(block, *args)
+    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)  # diffusers' default
+
+
+@functools.cache
+def checkpointed_block(backend: str) -> Callable:
+    """One compiled function for every block: `block` run under a checkpoint. Its compilations (one per shape of
+    block) stay with the function, for every later run of the process."""
+    options: dict = {"backend": backend, "dynamic": False}
+    if backend == "inductor":
+        options["options"] = {"layout_optimization": False}
+    return torch.compile(_run_checkpointed, **options)
+
+
+def _run_checkpointed(block: torch.nn.Module, *args):
+    # _call_impl, not __call__: the call must not go back through the block's own compiled callable.
+    return torch.utils.checkpoint.checkpoint(block._call_impl, *args, use_reentrant=False)
 
 
 def allow_block_shapes(count: int) -> None:

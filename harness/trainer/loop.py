@@ -58,6 +58,7 @@ from harness.trainer.compiled import (
     decide_training,
     fitted_variant,
     note_shape,
+    route_checkpoints,
     training_shape,
 )
 from harness.trainer.optimizers import MEMORY_MODES, choose_optimizer
@@ -171,6 +172,8 @@ def apply_speedups(unet: torch.nn.Module, device: torch.device, speedups: Speedu
         unet.to(memory_format=torch.channels_last)
     if speedups.compile is not None and compile_unet(unet, speedups.compile):
         log.info("UNet compiled for training (%s); the first steps compile it", speedups.compile.describe())
+    if speedups.compile is not None:
+        route_checkpoints(unet, speedups.compile)
     if device.type == "cuda":
         set_cudnn_autotuning(speedups.cudnn_benchmark)  # process-wide: each session says what it wants
 

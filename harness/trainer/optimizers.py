@@ -53,7 +53,12 @@ def adamw8bit_class() -> type:
     if not all(hasattr(stock, name) for name in ("init_state", "update_step", "check_overrides", "to_gpu")):
         return stock
 
+    ops = getattr(torch.ops, "bitsandbytes", None)
+    direct = all(hasattr(ops, name) for name in ("optimizer_update_8bit_blockwise", "optimizer_update_32bit"))
+
     class AdamW8bit(stock):
+        direct_calls = direct  # update_step calls bitsandbytes' kernels directly (see direct_update)
+
         @torch.no_grad()
         def step(self, closure=None):
             if closure is not None or self.is_paged:
@@ -68,10 +73,39 @@ def adamw8bit_class() -> type:
                         continue
                     if not self.state[param]:
                         self.init_state(group, param, gindex, pindex)
-                    self.update_step(group, param, gindex, pindex)
+                    if not (self.direct_calls and direct_update(self, group, param)):
+                        self.update_step(group, param, gindex, pindex)
             return None
 
     return AdamW8bit
+
+
+def direct_update(optimizer: Any, group: dict[str, Any], param: torch.nn.Parameter) -> bool:
+    """bitsandbytes' update_step for the plain case, calling the same kernel with the same arguments, without the
+    per-call work around it (a config dict, a device check, the parameter and gradient made contiguous again). In
+    low_memory mode, ~700 such calls a step are the host's work that sets the pace. False, with nothing done,
+    where the plain case does not hold (per-parameter overrides, update-norm clipping, a non-contiguous tensor):
+    the caller then runs bitsandbytes' own update_step."""
+    grad = param.grad
+    if (optimizer.args.max_unorm > 0.0 or optimizer.mng.pid2config or optimizer.mng.index2config
+            or not param.is_contiguous() or not grad.is_contiguous()):
+        return False
+    state = optimizer.state[param]
+    state["step"] += 1
+    beta1, beta2, *rest = group["betas"]
+    beta3, alpha = (rest[0] if rest else 0.0), group.get("alpha", 0.0)
+    ops = torch.ops.bitsandbytes
+    if state["state1"].dtype == torch.uint8:
+        ops.optimizer_update_8bit_blockwise(
+            optimizer.optimizer_name, grad, param, state["state1"], state["state2"], beta1, beta2, beta3, alpha,
+            group["eps"], state["step"], group["lr"], state["qmap1"], state["qmap2"], state["absmax1"],
+            state["absmax2"], group["weight_decay"], 1.0, optimizer.args.skip_zeros)
+    else:
+        ops.optimizer_update_32bit(
+            optimizer.optimizer_name, grad, param, state["state1"], state["state2"], None, 0.0, 0.0, beta1, beta2,
+            beta3, alpha, group["eps"], group["weight_decay"], state["step"], group["lr"], 1.0,
+            optimizer.args.skip_zeros)
+    return True
 
 
 def _adamw(params: Sequence[torch.nn.Parameter], spec: TrainSpec) -> torch.optim.Optimizer:
