@@ -1,7 +1,9 @@
 """Optimizers and memory modes: how a loss becomes a parameter update.
 
-- Optimizers (OPTIMIZERS): `adamw8bit` is bitsandbytes' AdamW8bit; if the installed bitsandbytes cannot run it on
-  the device (probed once on a small tensor), torch's AdamW is used and one warning says so.
+- Optimizers (OPTIMIZERS): `adamw8bit` is bitsandbytes' AdamW8bit, stepping each tensor with one direct call of
+  bitsandbytes' kernel (`direct_update`: the same kernel and arguments, without its per-call bookkeeping); if the
+  installed bitsandbytes cannot run it on the device (probed once on a small tensor), torch's AdamW is used and one
+  warning says so.
 - Memory modes (MEMORY_MODES): `fast` keeps all gradients and clips them by their global norm; `low_memory` steps
   parameters inside backward (register_post_accumulate_grad_hook), a bucket of consecutive parameters at a time,
   and frees their gradients right away, so the full set of gradients never exists. Global-norm clipping is
@@ -45,7 +47,8 @@ def adamw8bit_class() -> type:
     That synchronisation serves paged optimizer state (asynchronous page moves); this state is not paged, and
     bitsandbytes launches its kernels on the default stream, in order with the rest of the step. Without it the CPU
     queues the whole update (and, in low_memory mode, the rest of backward) ahead of the GPU instead of waiting
-    ~700 times a step. Same kernels, same update. A bitsandbytes without the expected methods gets its own step().
+    ~700 times a step. Same kernels, same update. A bitsandbytes without the expected methods gets its own step(),
+    one without the expected kernels its own update_step().
     """
     import bitsandbytes as bnb
 
