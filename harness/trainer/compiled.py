@@ -89,8 +89,9 @@ class TrainingCompile:
 
     @property
     def checkpoints_inside(self) -> bool:
-        """Whether checkpointed blocks run their checkpoint inside the compiled code (not with CUDA graphs, whose
-        memory pools the recomputation in backward does not fit; the whole UNet traces its checkpoints anyway)."""
+        """Whether checkpointed blocks run their checkpoint inside the compiled code: not with CUDA graphs (blocks
+        with CUDA graphs failed to record in torch 2.11, and this was measured without them), and not for the whole
+        UNet, whose graph traces its checkpoints anyway."""
         return self.inner_checkpoints and self.scope != "full" and not self.cuda_graphs
 
 
@@ -169,6 +170,7 @@ def route_checkpoints(unet: torch.nn.Module, variant: TrainingCompile) -> None:
 
 
 def _checkpoint_block(inner: Callable, class_names: tuple[str, ...], block: torch.nn.Module, *args):
+    """diffusers' gradient_checkpointing_func: `inner` for a block compiled on its own, else torch's checkpoint."""
     if type(block).__name__ in class_names and getattr(block, "_compiled_call_impl", None) is not None:
         return inner(block, *args)
     return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)  # diffusers' default
