@@ -170,10 +170,10 @@ def _prompts(data: TrainingData, spec: TrainSpec) -> list[tuple[str, str, torch.
 def apply_speedups(unet: torch.nn.Module, device: torch.device, speedups: Speedups) -> None:
     if speedups.channels_last:
         unet.to(memory_format=torch.channels_last)
-    if speedups.compile is not None and compile_unet(unet, speedups.compile):
-        log.info("UNet compiled for training (%s); the first steps compile it", speedups.compile.describe())
     if speedups.compile is not None:
-        route_checkpoints(unet, speedups.compile)
+        if compile_unet(unet, speedups.compile):
+            log.info("UNet compiled for training (%s); the first steps compile it", speedups.compile.describe())
+        route_checkpoints(unet, speedups.compile)  # every session: the method's prepare() reset the function
     if device.type == "cuda":
         set_cudnn_autotuning(speedups.cudnn_benchmark)  # process-wide: each session says what it wants
 
